@@ -1,0 +1,26 @@
+"""concord: distributed deep-learning training behind one switch.
+
+Parameter servers (sync, async, bounded staleness), AllReduce and pipeline parallelism,
+launched like torchrun (``concord run -n 4 train.py``).
+"""
+
+from concord import data
+from concord.api import Context, distribute, init, shutdown
+from concord.errors import ConcordError, PeerTimeoutError, UsageError
+from concord.strategies.allreduce import AllReduce
+from concord.strategies.base import Distributed, DistributedOptimizer, Strategy
+
+__all__ = [
+    "AllReduce",
+    "ConcordError",
+    "Context",
+    "Distributed",
+    "DistributedOptimizer",
+    "PeerTimeoutError",
+    "Strategy",
+    "UsageError",
+    "data",
+    "distribute",
+    "init",
+    "shutdown",
+]

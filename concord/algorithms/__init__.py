@@ -1,0 +1,1 @@
+"""Algorithm cores: pure functions and small classes over plain tensors (no sockets)."""

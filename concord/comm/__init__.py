@@ -1,0 +1,4 @@
+"""Communication layer: env contract, rendezvous, process groups, wire protocol, channels.
+
+Knows nothing of models or optimizers.
+"""

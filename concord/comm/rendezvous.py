@@ -1,0 +1,156 @@
+"""The env contract (torchrun's names plus CONCORD_*) and the rendezvous store.
+
+Workers read ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``,
+``CONCORD_ROLE``, ``CONCORD_SERVERS`` and ``CONCORD_SECRET``. Under Slurm, ``SLURM_PROCID``,
+``SLURM_NTASKS`` and ``SLURM_LOCALID`` stand in for the first three. No env at all means a
+single process (world 1). For servers, ``RANK`` is the server index and ``WORLD_SIZE`` the
+number of workers.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from concord.errors import PeerTimeoutError, UsageError
+
+ROLES = ("worker", "server", "data")
+AGENT_STORE_VAR = "TORCHELASTIC_USE_AGENT_STORE"
+
+
+@dataclass(frozen=True)
+class EnvContract:
+    """What a process learns from its environment about the job it belongs to."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    role: str = "worker"
+    servers: int = 0
+    secret: bytes = field(default=b"", repr=False)
+    attempt: int = 0
+    agent_store: bool = False
+
+    @property
+    def single(self) -> bool:
+        """True when this is a lone worker with no rendezvous to make."""
+        return self.world_size == 1 and self.servers == 0 and self.role == "worker"
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        if default is None:
+            raise UsageError(f"environment variable {name} is not set")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UsageError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def read_env(env: Mapping[str, str] | None = None) -> EnvContract:
+    """Read the env contract; Slurm's variables stand in when RANK is absent."""
+    env = os.environ if env is None else env
+    if "RANK" in env:
+        rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE", 1)
+        local = _int(env, "LOCAL_RANK", rank)
+    elif "SLURM_PROCID" in env:
+        rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS", 1)
+        local = _int(env, "SLURM_LOCALID", 0)
+    else:
+        rank, world, local = 0, 1, 0
+    role = env.get("CONCORD_ROLE", "worker")
+    if role not in ROLES:
+        raise UsageError(f"CONCORD_ROLE={role!r} is not one of {', '.join(ROLES)}")
+    if world < 1 or not 0 <= rank < max(world, 1) and role == "worker":
+        raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    port = _int(env, "MASTER_PORT", 29500)
+    secret = env.get("CONCORD_SECRET", "")
+    return EnvContract(
+        rank=rank,
+        world_size=world,
+        local_rank=local,
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=port,
+        role=role,
+        servers=_int(env, "CONCORD_SERVERS", 0),
+        secret=bytes.fromhex(secret) if _is_hex(secret) else secret.encode(),
+        attempt=_int(env, "CONCORD_ATTEMPT", _int(env, "TORCHELASTIC_RESTART_COUNT", 0)),
+        agent_store=env.get(AGENT_STORE_VAR, "") == "True",
+    )
+
+
+def _is_hex(text: str) -> bool:
+    return len(text) >= 2 and len(text) % 2 == 0 and all(c in "0123456789abcdef" for c in text)
+
+
+def new_secret() -> str:
+    """A fresh random job secret, hex encoded (32 bytes)."""
+    return secrets.token_hex(32)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def connect_store(contract: EnvContract, timeout: float, host: bool | None = None) -> dist.Store:
+    """Connect to the job's TCPStore (rank-0 worker hosts it unless the launcher does)."""
+    if host is None:
+        host = contract.role == "worker" and contract.rank == 0 and not contract.agent_store
+    try:
+        return dist.TCPStore(
+            contract.master_addr,
+            contract.master_port,
+            is_master=host,
+            timeout=timedelta(seconds=timeout),
+            wait_for_workers=False,
+            use_libuv=True,
+        )
+    except (RuntimeError, TimeoutError) as exc:
+        where = f"{contract.master_addr}:{contract.master_port}"
+        if host:
+            raise UsageError(f"cannot host the rendezvous store on {where}: {exc}") from None
+        raise PeerTimeoutError(
+            f"{contract.role} {contract.rank}: could not reach the rendezvous store at {where} "
+            f"within {timeout:g}s; is rank 0 (or the launcher) running, and do MASTER_ADDR/"
+            f"MASTER_PORT match on every process? ({exc})"
+        ) from None
+
+
+def attempt_prefix(contract: EnvContract) -> str:
+    """Store key prefix of this launch attempt (restarts must not see stale keys)."""
+    return f"concord/{contract.attempt}/"
+
+
+def arrive(store: dist.Store, prefix: str, group: str, index: int, size: int, timeout: float):
+    """Barrier on the store: wait until all ``size`` members of ``group`` arrived.
+
+    On timeout the error lists the members that never arrived.
+    """
+    store.set(f"{prefix}{group}/arrived/{index}", "1")
+    store.add(f"{prefix}{group}/count", 1)
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while store.add(f"{prefix}{group}/count", 0) < size:
+        if time.monotonic() > deadline:
+            missing = [i for i in range(size) if not store.check([f"{prefix}{group}/arrived/{i}"])]
+            raise PeerTimeoutError(
+                f"{group} {index}: timed out after {timeout:g}s waiting for {group} rank(s) "
+                f"{missing} of {size} to join; check that every {group} was started with the "
+                "same MASTER_ADDR, MASTER_PORT and WORLD_SIZE and that none crashed at start-up"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)

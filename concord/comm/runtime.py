@@ -1,0 +1,137 @@
+"""Process start-up: ``init()`` builds the worker process group, ``shutdown()`` undoes it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from concord.comm.rendezvous import (
+    EnvContract,
+    arrive,
+    attempt_prefix,
+    connect_store,
+    read_env,
+)
+from concord.errors import ConcordError, UsageError
+
+log = logging.getLogger("concord")
+
+DEFAULT_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class Context:
+    """Who this process is in the job. ``rank`` and ``world_size`` count workers only."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    role: str
+    servers: int
+    backend: str
+    device: torch.device
+    timeout: float
+    master_addr: str
+    master_port: int
+    attempt: int = 0
+    secret: bytes = field(default=b"", repr=False)
+    store: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def is_main(self) -> bool:
+        """True on the worker that logs, prints progress and writes files (rank 0)."""
+        return self.rank == 0 and self.role == "worker"
+
+    @property
+    def store_prefix(self) -> str:
+        """Prefix for this attempt's keys in the rendezvous store."""
+        return f"concord/{self.attempt}/"
+
+
+_current: Context | None = None
+
+
+def current() -> Context | None:
+    """The context made by the last ``init()``, or None."""
+    return _current
+
+
+def _backend() -> tuple[str, torch.device]:
+    if torch.cuda.is_available():
+        return "nccl", torch.device("cuda")
+    return "gloo", torch.device("cpu")
+
+
+def init(timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) -> Context:
+    """Join the job described by the environment and return this process's Context.
+
+    Creates the worker process group (gloo on CPU, nccl with CUDA) with a finite timeout.
+    A worker that never arrives ends this call within ``timeout`` seconds with an error that
+    lists the missing ranks. Calling it again returns the existing context.
+    """
+    global _current
+    if _current is not None:
+        return _current
+    if timeout <= 0:
+        raise UsageError(f"timeout must be positive, got {timeout}")
+    contract = read_env()
+    auto_backend, device = _backend()
+    backend = backend or auto_backend
+    if contract.role == "worker" and device.type == "cuda":
+        device = torch.device("cuda", contract.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    store = _join(contract, backend, timeout)
+    _current = Context(
+        rank=contract.rank,
+        world_size=contract.world_size,
+        local_rank=contract.local_rank,
+        role=contract.role,
+        servers=contract.servers,
+        backend=backend,
+        device=device,
+        timeout=timeout,
+        master_addr=contract.master_addr,
+        master_port=contract.master_port,
+        attempt=contract.attempt,
+        secret=contract.secret,
+        store=store,
+    )
+    return _current
+
+
+def _join(contract: EnvContract, backend: str, timeout: float) -> dist.Store:
+    if contract.role != "worker":
+        return connect_store(contract, timeout, host=False)
+    if dist.is_initialized():
+        raise ConcordError("torch.distributed is already initialized; call concord.init() once")
+    if contract.single:
+        store: dist.Store = dist.HashStore()
+    else:
+        store = connect_store(contract, timeout)
+        arrive(
+            store, attempt_prefix(contract), "worker", contract.rank, contract.world_size, timeout
+        )
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(attempt_prefix(contract) + "pg", store),
+        rank=contract.rank,
+        world_size=contract.world_size,
+        timeout=timedelta(seconds=timeout),
+    )
+    return store
+
+
+def shutdown() -> None:
+    """Tear down the process group made by ``init()`` (safe to call twice)."""
+    global _current
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # noqa: BLE001 - shutting down must not raise twice
+            log.debug("destroy_process_group failed: %s", exc)
+    _current = None

@@ -1,0 +1,1 @@
+"""Built-in jobs run by the CLI (the main MNIST training job)."""

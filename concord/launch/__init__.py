@@ -1,0 +1,1 @@
+"""The launcher: a pure planner of commands and envs plus a thin spawner."""

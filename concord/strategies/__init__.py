@@ -1,0 +1,1 @@
+"""Strategies: how replicas agree on parameters (AllReduce, ParameterServer, Pipeline)."""

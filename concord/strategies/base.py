@@ -1,0 +1,91 @@
+"""What every strategy shares: the ``Strategy`` interface and the wrapped optimizer.
+
+A strategy is a frozen, validated dataclass; ``distribute`` turns a model and a
+``torch.optim`` optimizer into their distributed counterparts. The wrapped optimizer keeps
+the torch.optim surface by composition and adds ``synchronize()``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from concord.comm.runtime import Context
+
+
+class Distributed(NamedTuple):
+    """What ``concord.distribute`` returns: unpack as ``model, opt = ...``."""
+
+    model: nn.Module
+    optimizer: DistributedOptimizer
+
+
+class Strategy(ABC):
+    """Base of the strategy dataclasses."""
+
+    #: short name used by ``concord train --strategy`` and in logs
+    name: str = "strategy"
+
+    @abstractmethod
+    def distribute(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Context
+    ) -> Distributed:
+        """Wrap ``model`` and ``optimizer`` for this strategy on the process ``ctx``."""
+
+
+class DistributedOptimizer:
+    """A torch optimizer wrapped by composition; ``step()`` synchronizes first.
+
+    Subclasses implement ``synchronize()`` (make ``.grad`` of every parameter the global one,
+    or exchange parameters) and may override ``step()``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}; "
+                "build the optimizer on model.parameters() first, then distribute both"
+            )
+        self.optimizer = optimizer
+
+    # -- the torch.optim surface -------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(group)
+
+    def synchronize(self) -> None:
+        """Make this worker's gradients (or parameters) agree with the others'."""
+
+    def step(self, closure: Any = None) -> Any:
+        """Synchronize, then apply the wrapped optimizer's update."""
+        if closure is not None:
+            raise ValueError("concord optimizers do not take a closure; call backward() first")
+        self.synchronize()
+        return self.optimizer.step()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.optimizer!r})"
