@@ -10,18 +10,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from concord.comm.runtime import DEFAULT_TIMEOUT, Context, current, shutdown
+from concord.comm.runtime import Context, current, shutdown
 from concord.comm.runtime import init as _init
 from concord.strategies.base import Distributed, Strategy
 
 __all__ = ["Context", "distribute", "init", "shutdown"]
 
 
-def init(timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) -> Context:
+def init(timeout: float | None = None, backend: str | None = None) -> Context:
     """Join the job described by the environment (see ``concord.comm.rendezvous``).
 
     With no env at all this is a single process (world 1). A missing peer ends the call
-    within ``timeout`` seconds with an error naming it.
+    within ``timeout`` seconds (default: $CONCORD_TIMEOUT or 300) with an error naming it.
     """
     return _init(timeout=timeout, backend=backend)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -21,7 +22,9 @@ from concord.errors import ConcordError, UsageError
 
 log = logging.getLogger("concord")
 
-DEFAULT_TIMEOUT = 300.0
+#: seconds any wait may last before it fails with an error naming the peer;
+#: ``concord run --timeout`` sets CONCORD_TIMEOUT for every process it starts
+DEFAULT_TIMEOUT = float(os.environ.get("CONCORD_TIMEOUT", "300"))
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ def _backend() -> tuple[str, torch.device]:
     return "gloo", torch.device("cpu")
 
 
-def init(timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) -> Context:
+def init(timeout: float | None = None, backend: str | None = None) -> Context:
     """Join the job described by the environment and return this process's Context.
 
     Creates the worker process group (gloo on CPU, nccl with CUDA) with a finite timeout.
@@ -77,6 +80,7 @@ def init(timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) -> Contex
     global _current
     if _current is not None:
         return _current
+    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
     if timeout <= 0:
         raise UsageError(f"timeout must be positive, got {timeout}")
     contract = read_env()

@@ -24,11 +24,22 @@ class Distributed(NamedTuple):
     optimizer: DistributedOptimizer
 
 
+class DataShard(NamedTuple):
+    """Which data-parallel shard a worker reads: ``rank`` of ``world`` replicas."""
+
+    rank: int
+    world: int
+
+
 class Strategy(ABC):
     """Base of the strategy dataclasses."""
 
     #: short name used by ``concord train --strategy`` and in logs
     name: str = "strategy"
+
+    def data_shard(self, ctx: Context) -> DataShard:
+        """The data shard this worker reads (every worker its own, unless overridden)."""
+        return DataShard(ctx.rank, ctx.world_size)
 
     @abstractmethod
     def distribute(
