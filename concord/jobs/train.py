@@ -1,0 +1,170 @@
+"""``concord train``: the main job — MNIST on N local workers with any strategy.
+
+    concord train --workers 4                                  # AllReduce, MLP, 3 epochs
+    concord train --workers 4 --strategy ps-sync --servers 2
+    concord train --strategy pipeline --stages 3 --microbatches 4 --replicas 1
+
+The command launches itself through the launcher (``concord.jobs.train_worker`` on every
+worker), then prints ``test_accuracy=<float>`` as its last line and plots the metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from concord.data.mnist import hub_file
+from concord.errors import UsageError
+from concord.models import MODELS
+
+STRATEGIES = ("allreduce", "ps-sync", "ps-async", "ps-async-delta", "pipeline")
+#: options forwarded from the command line to every worker
+WORKER_OPTIONS = (
+    "strategy",
+    "model",
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "seed",
+    "data",
+    "engine",
+    "max_staleness",
+    "backup_workers",
+    "stages",
+    "microbatches",
+    "schedule",
+    "replicas",
+    "split",
+)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``concord train`` and its worker processes."""
+    add = parser.add_argument
+    add("--strategy", default="allreduce", choices=STRATEGIES)
+    add("--model", default="mlp", choices=MODELS)
+    add("--epochs", type=int, default=3)
+    add("--batch-size", type=int, default=64, help="per worker (per replica for pipeline)")
+    add("--lr", type=float, default=0.05)
+    add("--momentum", type=float, default=0.9)
+    add("--seed", type=int, default=0)
+    add("--data", default="local", help="local | central | dfs:URL | p2p")
+    add("--engine", default="auto", help="AllReduce engine: auto | torch | ring")
+    add("--max-staleness", type=int, default=None, help="ps-async: bound on version lead")
+    add("--backup-workers", type=int, default=0, help="ps-sync: gradients not waited for")
+    add("--stages", type=int, default=3, help="pipeline stages P")
+    add("--microbatches", type=int, default=4, help="pipeline micro-batches M")
+    add("--schedule", default="1f1b", choices=("gpipe", "1f1b"))
+    add("--replicas", type=int, default=1, help="pipeline data-parallel replicas D")
+    add("--split", default="params", help="pipeline split: params | time | i,j,...")
+    add("--out", default=None, help="run directory (default runs/<time>-<strategy>)")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train MNIST with a chosen strategy")
+    parser.add_argument("--workers", type=int, default=None, help="default 4 (P*D for pipeline)")
+    parser.add_argument("--servers", type=int, default=1, help="parameter servers (ps-*)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds any wait may last")
+    parser.add_argument("--master-port", type=int, default=0)
+    parser.add_argument("--min-accuracy", type=float, default=None, help="fail below this")
+    add_train_arguments(parser)
+    parser.set_defaults(func=main)
+
+
+def worker_count(args: argparse.Namespace) -> int:
+    """Workers the job needs; pipeline's follows from stages x replicas."""
+    if args.strategy == "pipeline":
+        need = args.stages * args.replicas
+        if args.workers not in (None, need):
+            raise UsageError(
+                f"--workers {args.workers} != stages({args.stages}) * replicas({args.replicas}) "
+                f"= {need}; drop --workers or change --stages/--replicas"
+            )
+        return need
+    workers = 4 if args.workers is None else args.workers
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
+    return workers
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Reject bad values before any process starts."""
+    for name in ("epochs", "batch_size", "stages", "microbatches", "replicas"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.strategy.startswith("ps-") and args.servers < 1:
+        raise UsageError(f"--strategy {args.strategy} needs --servers >= 1, got {args.servers}")
+    hub_file()  # a missing dataset is a clear error before anything starts
+
+
+def forward_args(args: argparse.Namespace, out: Path) -> list[str]:
+    argv = []
+    for name in WORKER_OPTIONS:
+        value = getattr(args, name)
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv + ["--out", str(out)]
+
+
+def main(args: argparse.Namespace) -> int:
+    from concord.launch.plan import LaunchConfig
+    from concord.launch.spawner import launch
+
+    validate(args)
+    workers = worker_count(args)
+    out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{args.strategy}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(vars(args) | {"workers": workers}, default=str))
+    config = LaunchConfig(
+        program=("-m", "concord.jobs.train_worker", *forward_args(args, out)),
+        workers=workers,
+        servers=args.servers if args.strategy.startswith("ps-") else 0,
+        data_server="mnist" if args.data == "central" else None,
+        master_port=args.master_port,
+        timeout=args.timeout,
+    )
+    code = launch(config)
+    if code != 0:
+        return code
+    return report(out, args.min_accuracy)
+
+
+def report(out: Path, min_accuracy: float | None) -> int:
+    """Plot the run's metrics and print the final ``test_accuracy=`` line."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    history = [json.loads(line) for line in lines if line.strip()]
+    if not history:
+        print("concord: the job wrote no metrics", flush=True)
+        return 1
+    plot_metrics(history, out / "metrics.png")
+    accuracy = history[-1]["test_accuracy"]
+    print(f"run directory: {out} (metrics.jsonl, metrics.png, model)")
+    print(f"test_accuracy={accuracy:.4f}", flush=True)
+    if min_accuracy is not None and accuracy < min_accuracy:
+        print(f"concord: test accuracy {accuracy:.4f} is below --min-accuracy {min_accuracy}")
+        return 1
+    return 0
+
+
+def plot_metrics(history: list[dict], path: Path) -> None:
+    """Loss and test accuracy per epoch, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.plot(epochs, [h["loss"] for h in history], marker="o")
+    left.set(xlabel="epoch", ylabel="training loss", title="loss")
+    right.plot(epochs, [h["test_accuracy"] for h in history], marker="o", color="tab:green")
+    right.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,87 @@
+"""The main job's worker, started on every worker by ``concord train`` through the launcher.
+
+By hand: ``concord run -n 4 -m concord.jobs.train_worker --epochs 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from torch import nn
+
+import concord
+from concord.data.loader import loader
+from concord.data.mnist import mnist
+from concord.data.sources import make_loader
+from concord.errors import UsageError
+from concord.jobs.train import add_train_arguments
+from concord.models import build_model
+from concord.strategies.base import Strategy
+from concord.trainer import Trainer
+
+
+def build_strategy(args: argparse.Namespace) -> Strategy:
+    """The strategy object named by ``--strategy`` and its options."""
+    if args.strategy == "allreduce":
+        return (
+            concord.AllReduce(engine=args.engine) if args.engine != "auto" else concord.AllReduce()
+        )
+    if args.strategy.startswith("ps-"):
+        from concord.strategies.ps import ParameterServer
+
+        mode = "sync" if args.strategy == "ps-sync" else "async"
+        push = "delta" if args.strategy == "ps-async-delta" else "grad"
+        if mode == "sync":
+            return ParameterServer(mode="sync", backup_workers=args.backup_workers)
+        return ParameterServer(mode="async", push=push, max_staleness=args.max_staleness)
+    if args.strategy == "pipeline":
+        from concord.strategies.pipeline import Pipeline
+
+        split = (
+            args.split
+            if args.split in ("params", "time")
+            else [int(s) for s in args.split.split(",")]
+        )
+        return Pipeline(
+            stages=args.stages,
+            microbatches=args.microbatches,
+            schedule=args.schedule,
+            split=split,
+            replicas=args.replicas,
+        )
+    raise UsageError(f"unknown strategy {args.strategy!r}")
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    ctx = concord.init()
+    strategy = build_strategy(args)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    model, opt = concord.distribute(model, opt, strategy, ctx=ctx)
+    shard = strategy.data_shard(ctx)
+    train = make_loader(
+        args.data, rank=shard.rank, world=shard.world, batch_size=args.batch_size, seed=args.seed
+    )
+    test = loader(mnist("test"), 1000, rank=shard.rank, world=shard.world, shuffle=False)
+    trainer = Trainer(model, opt, nn.functional.cross_entropy, ctx, shard, out_dir=args.out)
+    trainer.fit(train, args.epochs, test)
+    trainer.save()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="concord.jobs.train_worker")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    finally:
+        concord.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""``Trainer``: fit/evaluate with a progress bar, metrics and checkpoints.
+
+Built only on the user surface (``distribute()``'s model and optimizer), so it works with
+every strategy. Rank 0 shows progress, prints a summary per epoch and writes the files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from concord.comm.runtime import Context
+from concord.progress import progress
+from concord.strategies.base import DataShard
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """What one epoch measured (written as one JSON line to ``metrics.jsonl``)."""
+
+    epoch: int
+    loss: float
+    test_accuracy: float | None
+    samples_per_s: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Test-set result, summed over all workers."""
+
+    accuracy: float
+    loss: float
+    samples: int
+
+
+class Trainer:
+    """Trains a distributed model: ``Trainer(model, opt, loss_fn, ctx, shard).fit(...)``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Any,
+        loss_fn: LossFn,
+        ctx: Context,
+        shard: DataShard | None = None,
+        out_dir: str | Path | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.loss_fn, self.ctx = model, optimizer, loss_fn, ctx
+        self.shard = shard or DataShard(ctx.rank, ctx.world_size)
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.history: list[EpochMetrics] = []
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step on one batch; returns this worker's loss."""
+        self.optimizer.zero_grad()
+        if hasattr(self.model, "train_batch"):  # pipeline stages run their own schedule
+            loss = self.model.train_batch(x, y, self.loss_fn)
+        else:
+            loss = self.loss_fn(self.model(x), y)
+            loss.backward()
+        self.optimizer.step()
+        return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+
+    def fit(self, train: Iterable, epochs: int, test: Iterable | None = None) -> list[EpochMetrics]:
+        """Train for ``epochs``; evaluate on ``test`` after each epoch."""
+        for epoch in range(epochs):
+            _set_epoch(train, epoch)
+            self.model.train()
+            start, total, count, samples = time.perf_counter(), 0.0, 0, 0
+            bar = progress(
+                train, self.ctx.is_main, desc=f"epoch {epoch + 1}/{epochs}", unit="batch"
+            )
+            for x, y in bar:
+                loss = self.train_step(x, y)
+                total, count, samples = total + loss, count + 1, samples + len(y)
+                if count % 20 == 0 and hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            seconds = time.perf_counter() - start
+            result = self.evaluate(test) if test is not None else None
+            metrics = EpochMetrics(
+                epoch=epoch + 1,
+                loss=total / max(count, 1),
+                test_accuracy=result.accuracy if result else None,
+                samples_per_s=samples * self.shard.world / seconds,
+                seconds=seconds,
+            )
+            self._record(metrics)
+        return self.history
+
+    @torch.no_grad()
+    def evaluate(self, test: Iterable) -> Evaluation:
+        """Accuracy and mean loss over the test set, summed across the data-parallel shards."""
+        self.model.eval()
+        stats = torch.zeros(3, dtype=torch.float64)  # correct, loss sum, samples
+        for x, y in test:
+            out = self.model(x)
+            stats += torch.tensor(
+                [(out.argmax(1) == y).sum().item(), float(self.loss_fn(out, y)) * len(y), len(y)],
+                dtype=torch.float64,
+            )
+        if dist.is_initialized() and self.ctx.world_size > 1:
+            dist.all_reduce(stats)
+            stats /= self.ctx.world_size // self.shard.world  # stages of one replica count once
+        correct, loss_sum, n = stats.tolist()
+        return Evaluation(accuracy=correct / max(n, 1), loss=loss_sum / max(n, 1), samples=int(n))
+
+    def _record(self, metrics: EpochMetrics) -> None:
+        self.history.append(metrics)
+        if not self.ctx.is_main:
+            return
+        acc = "n/a" if metrics.test_accuracy is None else f"{metrics.test_accuracy:.4f}"
+        print(
+            f"epoch {metrics.epoch}: loss={metrics.loss:.4f} test_accuracy={acc} "
+            f"samples/s={metrics.samples_per_s:,.0f} time={metrics.seconds:.1f}s",
+            flush=True,
+        )
+        if self.out_dir:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(asdict(metrics)) + "\n")
+
+    def save(self, name: str = "model.pt") -> Path | None:
+        """Write the model's state dict to the run directory (rank 0 of each stage)."""
+        if self.out_dir is None or self.shard.rank != 0:
+            return None
+        stage = getattr(self.model, "stage_index", None)
+        if stage is None and not self.ctx.is_main:
+            return None
+        if stage is not None:
+            name = name.replace(".pt", f"-stage{stage}.pt")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        module = getattr(self.model, "module", self.model)
+        torch.save(module.state_dict(), self.out_dir / name)
+        return self.out_dir / name
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    """Reshuffle a loader for ``epoch`` (loaders with set_epoch, or a sampler that has it)."""
+    for target in (loader, getattr(loader, "sampler", None)):
+        if hasattr(target, "set_epoch"):
+            target.set_epoch(epoch)
+            return
