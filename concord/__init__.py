@@ -9,6 +9,8 @@ from concord.api import Context, distribute, init, shutdown
 from concord.errors import ConcordError, PeerTimeoutError, UsageError
 from concord.strategies.allreduce import AllReduce
 from concord.strategies.base import Distributed, DistributedOptimizer, Strategy
+from concord.strategies.ps import ParameterServer
+from concord.strategies.pipeline import Pipeline
 
 __all__ = [
     "AllReduce",
@@ -16,7 +18,9 @@ __all__ = [
     "Context",
     "Distributed",
     "DistributedOptimizer",
+    "ParameterServer",
     "PeerTimeoutError",
+    "Pipeline",
     "Strategy",
     "UsageError",
     "data",

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from concord.errors import ConcordError
+
 
 @dataclass(frozen=True)
 class ShardSlice:
@@ -47,6 +49,11 @@ def part_bounds(total: int, world: int, rank: int) -> range:
     base, extra = divmod(total, world)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (1 if rank < extra else 0))
+
+
+def num_batches(samples: int, batch_size: int, drop_last: bool) -> int:
+    """Batches of ``batch_size`` in ``samples`` (the short last one counts unless dropped)."""
+    return samples // batch_size if drop_last else -(-samples // batch_size)
 
 
 def shard_slices(
@@ -125,7 +132,7 @@ def check_complete(rows: torch.Tensor, expected: int, rank: int) -> None:
     if len(rows) != expected or not torch.equal(
         torch.sort(rows).values, torch.arange(expected, dtype=rows.dtype)
     ):
-        raise RuntimeError(
+        raise ConcordError(
             f"worker {rank}: peer exchange delivered {len(rows)} samples, expected {expected} "
             "distinct ones; did every worker call set_epoch() with the same epoch and seed?"
         )

@@ -1,0 +1,185 @@
+"""Data sharing: samples/s delivered per worker, and network bytes per epoch, by source.
+
+    flock /tmp/concord-bench.lock .venv/bin/python benchmarks/data_sharing.py [--quick]
+
+For each source (local, dfs on file://, central data server, p2p) and each world size it
+starts N real worker processes (and, for central, one data-server process) on 127.0.0.1,
+iterates every batch of this worker's share for a few epochs without training, and reports
+per worker: samples/s (median over the measured epochs, including ``set_epoch``, i.e. the
+p2p exchange) and bytes moved over the network per epoch (dfs: shard bytes read from the
+file system, which on NFS or S3 is network traffic; central: bytes sent plus received on
+the wire; p2p: bytes sent to peers; local: none). Epoch 0 is warm-up and is not measured.
+All sources read the same data: MNIST train (60k samples, or 15k with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from concord.comm.rendezvous import free_port, new_secret  # noqa: E402
+from concord.data.dfs import write_shards  # noqa: E402
+from concord.data.mnist import mnist  # noqa: E402
+
+MODES = ("local", "dfs", "central", "p2p")
+
+
+def _make(mode: str, data: TensorDataset | None, url: str, rank: int, world: int, batch: int):
+    from concord.data.central import CentralLoader
+    from concord.data.dfs import DFSLoader, ShardedFiles
+    from concord.data.loader import loader
+    from concord.data.p2p import P2PLoader
+
+    if mode == "local":
+        return loader(data, batch, rank=rank, world=world, seed=0)
+    if mode == "dfs":
+        return DFSLoader(ShardedFiles(url, rank, world, seed=0), batch)
+    if mode == "central":
+        return CentralLoader.from_job(rank=rank, world=world, batch_size=batch, seed=0)
+    return P2PLoader.from_dataset(data, rank=rank, world=world, batch_size=batch, seed=0)
+
+
+def _net_bytes(mode: str, loader) -> int:  # noqa: ANN001
+    if mode == "dfs":
+        return loader.bytes_read
+    if mode == "central":
+        return loader.client.bytes_received + loader.client.bytes_sent
+    if mode == "p2p":
+        return loader.bytes_sent
+    return 0
+
+
+def _worker(mode: str, url: str, n: int, batch: int, epochs: int, env: dict, results) -> None:
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    import concord
+
+    try:
+        ctx = concord.init(timeout=120)
+        data = None
+        if mode in ("local", "p2p"):
+            full = mnist("train")
+            data = TensorDataset(*(t[:n] for t in full.tensors))
+        loader = _make(mode, data, url, ctx.rank, ctx.world_size, batch)
+        rates, nets = [], []
+        for epoch in range(epochs + 1):
+            before = _net_bytes(mode, loader)
+            start = time.perf_counter()
+            target = loader if hasattr(loader, "set_epoch") else loader.sampler
+            target.set_epoch(epoch)
+            samples = sum(len(y) for _, y in loader)
+            seconds = time.perf_counter() - start
+            if epoch > 0:
+                rates.append(samples / seconds)
+                nets.append(_net_bytes(mode, loader) - before)
+        results.put((ctx.rank, "ok", (statistics.median(rates), statistics.mean(nets))))
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent
+        results.put((int(env["RANK"]), "error", repr(exc)))
+    finally:
+        concord.shutdown()
+
+
+def run_case(mode: str, world: int, url: str, n: int, batch: int, epochs: int) -> dict:
+    ctx = mp.get_context("spawn")
+    base = {
+        "WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "CONCORD_SECRET": new_secret(),
+        "CONCORD_TIMEOUT": "120",
+        "OMP_NUM_THREADS": "1",
+    }
+    server = None
+    if mode == "central":
+        env = os.environ | base | {"CONCORD_ROLE": "data", "RANK": "0", "LOCAL_RANK": "0"}
+        argv = [sys.executable, "-m", "concord.data.server", f"dfs:{url}"]
+        server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    results = ctx.Queue()
+    procs = []
+    for rank in range(world):
+        env = base | {"RANK": str(rank), "LOCAL_RANK": str(rank), "CONCORD_ROLE": "worker"}
+        args = (mode, url, n, batch, epochs, env, results)
+        procs.append(ctx.Process(target=_worker, args=args))
+        procs[-1].start()
+    out = {}
+    try:
+        while len(out) < world:
+            rank, status, value = results.get(timeout=300)
+            if status != "ok":
+                raise RuntimeError(f"{mode} N={world}: rank {rank} failed: {value}")
+            out[rank] = value
+    except queue.Empty:
+        raise RuntimeError(f"{mode} N={world}: workers did not finish in 300 s") from None
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        if server is not None:
+            server.terminate()
+            server.communicate(timeout=30)
+    rates = [out[r][0] for r in range(world)]
+    nets = [out[r][1] for r in range(world)]
+    return {
+        "mode": mode,
+        "world": world,
+        "samples_per_s_per_worker": statistics.mean(rates),
+        "net_bytes_per_epoch_per_worker": statistics.mean(nets),
+        "net_bytes_per_epoch_total": sum(nets),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="15k samples, 2 measured epochs")
+    parser.add_argument("--worlds", default="2,4")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--shards", type=int, default=16)
+    args = parser.parse_args()
+    n = 15_000 if args.quick else 60_000
+    epochs = 2 if args.quick else 3
+    full = mnist("train")
+    with tempfile.TemporaryDirectory(prefix="concord-bench-data-") as tmp:
+        url = f"file://{tmp}/mnist"
+        start = time.perf_counter()
+        write_shards([t[:n] for t in full.tensors], url, args.shards, name="mnist")
+        shard_s = time.perf_counter() - start
+        del full
+        rows = []
+        for world in (int(w) for w in args.worlds.split(",")):
+            for mode in args.modes.split(","):
+                rows.append(run_case(mode, world, url, n, args.batch_size, epochs))
+                r = rows[-1]
+                print(
+                    f"{mode:8s} N={world}  {r['samples_per_s_per_worker']:>10,.0f} samples/s/worker"
+                    f"  {r['net_bytes_per_epoch_per_worker'] / 1e6:>8.2f} MB/epoch/worker",
+                    flush=True,
+                )
+    print(f"\n{n} samples, batch {args.batch_size}, {args.shards} shards ({shard_s:.1f}s to write)")
+    print(f"{'mode':8s} {'N':>2s} {'samples/s/worker':>17s} {'net MB/epoch/worker':>20s}")
+    for r in rows:
+        print(
+            f"{r['mode']:8s} {r['world']:>2d} {r['samples_per_s_per_worker']:>17,.0f} "
+            f"{r['net_bytes_per_epoch_per_worker'] / 1e6:>20.2f}"
+        )
+    print(json.dumps({"benchmark": "data_sharing", "samples": n, "results": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

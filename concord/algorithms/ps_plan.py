@@ -1,0 +1,226 @@
+"""Parameter-server planning, pure: split parameters into shards, describe the optimizer.
+
+- :func:`plan_shards` cuts the parameters (in order, as one byte stream) into S contiguous
+  shards of nearly equal bytes; a cut inside a small tensor moves to its nearest edge, a cut
+  inside a large one (>= ``split_bytes`` or >= a quarter of a fair share) splits it at an
+  element boundary, so every shard is within a quarter of its fair share of bytes. Every worker
+  computes the same plan from the same parameter list.
+- :class:`OptimizerSpec` describes a torch optimizer declaratively (class name from an
+  allow-list plus JSON hyperparameters per param group), so servers rebuild it without
+  unpickling anything. Only element-wise optimizers are allowed, which is why a tensor split
+  across servers updates exactly as it would whole.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+DEFAULT_SPLIT_BYTES = 1 << 20
+
+#: optimizers a server may build (all element-wise)
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "SGD": torch.optim.SGD,
+    "Adam": torch.optim.Adam,
+    "AdamW": torch.optim.AdamW,
+    "RMSprop": torch.optim.RMSprop,
+    "Adagrad": torch.optim.Adagrad,
+}
+_IMPLEMENTATION_KEYS = {"self", "params", "foreach", "fused", "capturable", "differentiable"}
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """A parameter as the servers see it: name, shape, dtype name, element size, group."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    itemsize: int
+    group: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements ``[start, stop)`` of the flattened parameter ``name``, held by ``server``."""
+
+    name: str
+    start: int
+    stop: int
+    server: int
+
+    @property
+    def key(self) -> str:
+        """The wire key of this piece."""
+        return f"{self.name}[{self.start}:{self.stop}]"
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which pieces each server holds (``shards[s]``), in parameter order."""
+
+    shards: tuple[tuple[Piece, ...], ...]
+
+    def nbytes(self, params: Sequence[ParamInfo]) -> list[int]:
+        """Bytes held by each server."""
+        size = {p.name: p.itemsize for p in params}
+        return [sum(pc.numel * size[pc.name] for pc in shard) for shard in self.shards]
+
+
+def plan_shards(
+    params: Sequence[ParamInfo], servers: int, split_bytes: int = DEFAULT_SPLIT_BYTES
+) -> ShardPlan:
+    """Cut ``params`` into ``servers`` shards balanced by bytes (see the module docstring)."""
+    if servers < 1:
+        raise ValueError(f"servers must be >= 1, got {servers}")
+    names = [p.name for p in params]
+    if len(set(names)) != len(names):
+        raise ValueError(f"parameter names must be unique, got {names}")
+    starts = [0]
+    for p in params:
+        starts.append(starts[-1] + p.nbytes)
+    total = starts[-1]
+    # a cut snaps by < 1/8 of a fair share, so each shard (two cuts) is within 1/4 of it
+    split_at = min(split_bytes, total / servers / 4)
+    cuts = [0]
+    for k in range(1, servers):
+        cuts.append(max(cuts[-1], _cut(params, starts, total * k / servers, split_at)))
+    cuts.append(total)
+    shards: list[list[Piece]] = [[] for _ in range(servers)]
+    for p, begin in zip(params, starts):
+        for s in range(servers):
+            lo, hi = max(begin, cuts[s]), min(begin + p.nbytes, cuts[s + 1])
+            if hi > lo or (p.nbytes == 0 and s == 0):
+                shards[s].append(
+                    Piece(p.name, (lo - begin) // p.itemsize, (hi - begin) // p.itemsize, s)
+                )
+    return ShardPlan(tuple(tuple(s) for s in shards))
+
+
+def _cut(params: Sequence[ParamInfo], starts: list[int], target: float, split_at: float) -> int:
+    """The byte offset of one cut near ``target``, on an element (or tensor) boundary."""
+    for p, begin in zip(params, starts):
+        end = begin + p.nbytes
+        if begin <= target < end:
+            if p.nbytes >= split_at:
+                return begin + round((target - begin) / p.itemsize) * p.itemsize
+            return begin if target - begin < end - target else end
+    return starts[-1]
+
+
+# -- optimizer spec -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer class name from :data:`OPTIMIZERS` and each param group's settings."""
+
+    name: str
+    groups: tuple[dict[str, Any], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "groups": [dict(g) for g in self.groups]}
+
+    @classmethod
+    def from_json(cls, data: Any) -> OptimizerSpec:
+        """Validate an untrusted description (allow-listed class, keys and value types)."""
+        if not isinstance(data, dict) or not isinstance(data.get("groups"), list):
+            raise ValueError(f"bad optimizer spec {data!r}")
+        name = data.get("name")
+        allowed = _allowed_keys(name)
+        groups = []
+        for i, group in enumerate(data["groups"]):
+            if not isinstance(group, dict):
+                raise ValueError(f"optimizer param group {i} is not a map: {group!r}")
+            for key, value in group.items():
+                if key not in allowed:
+                    raise ValueError(f"{name} has no setting {key!r}; allowed: {sorted(allowed)}")
+                _check_value(key, value)
+            groups.append(dict(group))
+        return cls(name, tuple(groups))
+
+    def build(self, params_by_group: Sequence[Sequence[torch.Tensor]]) -> torch.optim.Optimizer:
+        """A fresh optimizer over ``params_by_group[i]`` with group ``i``'s settings.
+
+        Groups with no tensors here are left out (a shard may hold none of a group).
+        """
+        if len(params_by_group) != len(self.groups):
+            raise ValueError(f"{len(params_by_group)} groups given, spec has {len(self.groups)}")
+        groups = [
+            {"params": list(ps), **plain_settings(hp)}
+            for ps, hp in zip(params_by_group, self.groups)
+            if len(ps)
+        ]
+        if not groups:
+            raise ValueError("no parameters to optimize on this shard")
+        return OPTIMIZERS[self.name](groups)
+
+
+def spec_from_optimizer(optimizer: torch.optim.Optimizer) -> OptimizerSpec:
+    """Describe ``optimizer`` (its exact class must be in :data:`OPTIMIZERS`)."""
+    name = type(optimizer).__name__
+    if OPTIMIZERS.get(name) is not type(optimizer):
+        raise TypeError(
+            f"a parameter server runs the optimizer on the servers, so it must be one of "
+            f"torch.optim.{', torch.optim.'.join(OPTIMIZERS)}; got {type(optimizer).__qualname__}. "
+            "Use one of those, or the AllReduce strategy for other optimizers"
+        )
+    allowed = _allowed_keys(name)
+    groups = []
+    for group in optimizer.param_groups:
+        settings = {}
+        for key in sorted(allowed & set(group)):
+            value = group[key]
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, tuple):
+                value = list(value)
+            _check_value(key, value)
+            settings[key] = value
+        groups.append(settings)
+    return OptimizerSpec(name, tuple(groups))
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's allow-listed settings now (to follow a worker's LR schedule)."""
+    return [dict(g) for g in spec_from_optimizer(optimizer).groups]
+
+
+def _allowed_keys(name: Any) -> set[str]:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} is not allowed; choose one of {list(OPTIMIZERS)}")
+    sig = inspect.signature(OPTIMIZERS[name].__init__)
+    return set(sig.parameters) - _IMPLEMENTATION_KEYS
+
+
+def _check_value(key: str, value: Any) -> None:
+    scalar = (bool, int, float, type(None))
+    if isinstance(value, scalar):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"optimizer setting {key}={value} is not finite")
+        return
+    if isinstance(value, list) and all(isinstance(v, int | float) for v in value):
+        return
+    raise TypeError(
+        f"optimizer setting {key}={value!r} must be a number, bool, None or list of numbers"
+    )
+
+
+def plain_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as torch wants them (JSON lists back to tuples, e.g. Adam's betas)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}

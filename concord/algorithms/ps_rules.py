@@ -1,0 +1,143 @@
+"""Parameter-server update rules, pure: sync gradient rounds and the staleness (SSP) clock.
+
+Both are plain state machines over tensors and worker ids; the server process
+(:mod:`concord.strategies.ps.server`) feeds them messages and sends what they decide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """A finished sync step: the averaged gradients and who contributed.
+
+    ``grads`` has one entry per piece that had a gradient on at least one contributor; a
+    piece absent everywhere is absent here (the optimizer skips it, as in one process).
+    """
+
+    step: int
+    contributors: tuple[int, ...]
+    grads: dict[str, torch.Tensor]
+
+
+@dataclass
+class SyncAggregator:
+    """One shard's synchronous rounds: wait for ``len(live) - backup_workers`` gradients.
+
+    ``push`` returns ``"counted"``, ``"complete"`` (this push filled the round; call
+    ``finish``) or ``"late"`` (a gradient for an old step: dropped and recorded in
+    ``dropped``). Missing gradients of a contributor count as zero in the average, which
+    equals one process computing the mean loss over the global batch.
+    """
+
+    workers: int
+    backup_workers: int = 0
+    version: int = 0
+    live: set[int] = field(default_factory=set)
+    dropped: list[tuple[int, int]] = field(default_factory=list)
+    _sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    _contributors: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or not 0 <= self.backup_workers < self.workers:
+            raise ValueError(
+                f"need workers >= 1 and 0 <= backup_workers < workers, got workers="
+                f"{self.workers}, backup_workers={self.backup_workers}"
+            )
+        self.live = self.live or set(range(self.workers))
+
+    @property
+    def needed(self) -> int:
+        """Gradients that complete the current round."""
+        return max(1, len(self.live) - self.backup_workers)
+
+    @property
+    def contributors(self) -> tuple[int, ...]:
+        return tuple(self._contributors)
+
+    @property
+    def complete(self) -> bool:
+        return len(self._contributors) >= self.needed
+
+    def missing(self) -> list[int]:
+        """Live workers that have not pushed this round."""
+        return sorted(self.live - set(self._contributors))
+
+    def push(self, worker: int, step: int, grads: Mapping[str, torch.Tensor]) -> str:
+        if step < self.version:
+            self.dropped.append((worker, step))
+            return "late"
+        if step > self.version:
+            raise ValueError(
+                f"worker {worker} pushed a gradient for step {step} but this shard is at "
+                f"version {self.version}; a worker must pull before it pushes again"
+            )
+        if worker in self._contributors:
+            raise ValueError(f"worker {worker} pushed twice for step {step}")
+        self.live.add(worker)
+        self._contributors.append(worker)
+        for key, grad in grads.items():
+            if key in self._sums:
+                self._sums[key].add_(grad)
+            else:
+                self._sums[key] = grad.clone()
+        return "complete" if self.complete else "counted"
+
+    def finish(self) -> RoundResult:
+        """Average the round's gradients, advance the version, start the next round."""
+        if not self._contributors:
+            raise ValueError(f"step {self.version} has no gradients to average")
+        count = len(self._contributors)
+        grads = {key: total.div_(count) for key, total in self._sums.items()}
+        result = RoundResult(self.version, tuple(self._contributors), grads)
+        self.version += 1
+        self._sums, self._contributors = {}, []
+        return result
+
+    def remove(self, worker: int) -> bool:
+        """Stop waiting for ``worker`` (it left or was lost); True if the round is now full."""
+        self.live.discard(worker)
+        return bool(self._contributors) and self.complete
+
+
+class StalenessClock:
+    """Stale synchronous parallel: a worker may run at most ``max_staleness`` steps ahead.
+
+    ``clock[w]`` counts worker ``w``'s pushes. After a push, ``w`` may start its next step
+    only while ``clock[w] - min(clock of live workers) <= max_staleness``; with 0 every
+    worker waits for the slowest at each step (lockstep, like sync). ``None`` never blocks.
+    """
+
+    def __init__(self, workers: Iterable[int], max_staleness: int | None) -> None:
+        if max_staleness is not None and max_staleness < 0:
+            raise ValueError(f"max_staleness must be None or >= 0, got {max_staleness}")
+        self.max_staleness = max_staleness
+        self.clock = {w: 0 for w in workers}
+
+    def tick(self, worker: int) -> int:
+        """Record one push by ``worker`` (a worker seen for the first time joins at 0)."""
+        self.clock[worker] = self.clock.get(worker, 0) + 1
+        return self.clock[worker]
+
+    def slowest(self) -> tuple[int, int]:
+        """``(worker, clock)`` of the live worker furthest behind."""
+        if not self.clock:
+            return (-1, 0)
+        worker = min(self.clock, key=lambda w: (self.clock[w], w))
+        return worker, self.clock[worker]
+
+    def lead(self, worker: int) -> int:
+        """How many steps ``worker`` is ahead of the slowest live worker."""
+        return self.clock.get(worker, 0) - self.slowest()[1]
+
+    def may_proceed(self, worker: int) -> bool:
+        return self.max_staleness is None or self.lead(worker) <= self.max_staleness
+
+    def remove(self, worker: int) -> None:
+        """Forget ``worker`` (it finished or was lost) so it no longer holds others back."""
+        self.clock.pop(worker, None)

@@ -1,0 +1,327 @@
+"""The wire format: a small JSON header plus raw tensor frames, authenticated with HMAC-SHA256.
+
+A message travels as ZeroMQ frames ``[mac, header, buf0, buf1, ...]``:
+
+- ``header`` is compact JSON: ``{"version", "op", "worker", "step", "meta", "buffers"}``
+  where each buffer entry is ``{"key", "dtype", "shape", "chunks"}`` and ``meta`` is a small
+  JSON map for the caller's own fields. Nothing is ever unpickled.
+- each tensor travels as its raw bytes, split into ``chunks`` frames of at most
+  ``chunk_bytes`` (4 MiB by default; one 64 MB zmq frame measured 2-3x slower than 4 MB ones).
+- ``mac`` is ``HMAC-SHA256(secret, TAG || len(header) || header || n || SHA256(buf_1) || ...
+  || SHA256(buf_n))``: an HMAC over every frame, where large frames are first digested with
+  SHA-256 (in parallel threads; hashlib releases the GIL) so a big message is not hashed on one
+  core. The receiver checks it in constant time *before* it parses anything.
+
+Checks on receipt (each a :class:`WireError` with a ``kind``): frame count and sizes, the MAC,
+the header's JSON and fields, the protocol version, dtype allow-list, shape versus byte count,
+and the size limit. Decoded tensors share the received frames' memory (no copy) unless a
+tensor was chunked, which is reassembled with one copy.
+
+This module knows nothing of sockets; :mod:`concord.comm.channel` moves the frames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from concord.errors import PeerTimeoutError, ProtocolError
+
+PROTOCOL_VERSION = 1
+MAC_BYTES = 32
+CHUNK_BYTES = 4 << 20
+MAX_HEADER_BYTES = 1 << 20
+DEFAULT_MAX_BYTES = 4 << 30
+_TAG = b"concord-wire/1"
+_PARALLEL_HASH_BYTES = 1 << 20  # frames at least this big are digested in worker threads
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_HEADER_KEYS = {"version", "op", "worker", "step", "meta", "buffers"}
+_hash_pool: ThreadPoolExecutor | None = None
+
+
+class WireError(ProtocolError):
+    """A message failed a wire check. ``kind`` is one of: frames, auth, header, version,
+    dtype, shape, oversize, remote (an error reply from the peer)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Message:
+    """One wire message: an operation name, who sent it, and named tensors.
+
+    ``worker`` and ``step`` are integers (-1 when unused); ``meta`` holds small JSON values
+    (numbers, strings, lists, maps); ``tensors`` maps keys to CPU tensors, sent in order.
+    """
+
+    op: str
+    worker: int = -1
+    step: int = -1
+    meta: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor payload."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def error_message(kind: str, text: str, **meta: Any) -> Message:
+    """The reply a server sends for a request it rejects (``op="error"``)."""
+    return Message(op="error", meta={"kind": kind, "error": text, **meta})
+
+
+def raise_if_error(msg: Message, peer: str) -> Message:
+    """Raise if ``msg`` is an error reply from ``peer``: PeerTimeoutError when the peer itself
+    gave up waiting on someone (kind ``timeout``), else :class:`WireError` (kind ``remote``)."""
+    if msg.op == "error":
+        kind = msg.meta.get("kind", "?")
+        if kind == "timeout":
+            raise PeerTimeoutError(f"{peer} reports: {msg.meta.get('error')}")
+        raise WireError("remote", f"{peer} rejected the request ({kind}): {msg.meta.get('error')}")
+    return msg
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of ``dtype`` (TypeError if it cannot travel)."""
+    if dtype not in _NAMES:
+        raise TypeError(f"dtype {dtype} cannot be sent; allowed: {list(DTYPES)}")
+    return _NAMES[dtype]
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _hash_pool
+    if _hash_pool is None:
+        _hash_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="concord-hash")
+    return _hash_pool
+
+
+def _digest(buf: Any) -> bytes:
+    return hashlib.sha256(buf).digest()
+
+
+def compute_mac(secret: bytes, header: Any, buffers: Sequence[Any]) -> bytes:
+    """HMAC-SHA256 over the header and the SHA-256 digests of every buffer frame."""
+    mac = hmac.new(secret, _TAG, hashlib.sha256)
+    mac.update(len(header).to_bytes(8, "little"))
+    mac.update(header)
+    mac.update(len(buffers).to_bytes(8, "little"))
+    big = sum(1 for b in buffers if _len(b) >= _PARALLEL_HASH_BYTES)
+    digests = list(_pool().map(_digest, buffers)) if big > 1 else map(_digest, buffers)
+    for digest in digests:
+        mac.update(digest)
+    return mac.digest()
+
+
+def _len(buf: Any) -> int:
+    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
+
+
+def _as_bytes_view(tensor: torch.Tensor) -> memoryview:
+    """A flat byte view of a CPU tensor (copied only if it is not contiguous)."""
+    if tensor.device.type != "cpu":
+        raise TypeError(f"wire tensors must be on the CPU, got one on {tensor.device}")
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+class Codec:
+    """Encodes and decodes authenticated messages with one job secret.
+
+    ``max_bytes`` bounds a message's tensor payload (a larger one is refused on both ends);
+    ``chunk_bytes`` is the largest frame a tensor is sent in.
+    """
+
+    def __init__(
+        self,
+        secret: bytes,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> None:
+        if not isinstance(secret, bytes) or len(secret) < 16:
+            raise ValueError(
+                "the wire secret must be at least 16 bytes; concord run sets CONCORD_SECRET, or "
+                "export CONCORD_SECRET=$(python -c 'import secrets;print(secrets.token_hex(32))')"
+            )
+        if chunk_bytes < 1 or max_bytes < 0:
+            raise ValueError(f"bad limits: chunk_bytes={chunk_bytes}, max_bytes={max_bytes}")
+        self._secret = secret
+        self.max_bytes = max_bytes
+        self.chunk_bytes = chunk_bytes
+
+    # -- encoding ---------------------------------------------------------------------------
+    def encode(self, msg: Message) -> list[Any]:
+        """Frames ``[mac, header, *buffers]``; buffers are views of the tensors (no copy)."""
+        if msg.nbytes > self.max_bytes:
+            raise WireError(
+                "oversize", f"message {msg.op!r} carries {msg.nbytes} bytes > {self.max_bytes}"
+            )
+        entries, frames = [], []
+        for key, tensor in msg.tensors.items():
+            if tensor.dtype not in _NAMES:
+                raise TypeError(
+                    f"tensor {key!r} has dtype {tensor.dtype}, not one of {list(DTYPES)}"
+                )
+            view = _as_bytes_view(tensor)
+            chunks = [
+                view[i : i + self.chunk_bytes] for i in range(0, view.nbytes, self.chunk_bytes)
+            ]
+            chunks = chunks or [view]
+            frames.extend(chunks)
+            entries.append(
+                {
+                    "key": str(key),
+                    "dtype": _NAMES[tensor.dtype],
+                    "shape": list(tensor.shape),
+                    "chunks": len(chunks),
+                }
+            )
+        header = {
+            "version": PROTOCOL_VERSION,
+            "op": msg.op,
+            "worker": int(msg.worker),
+            "step": int(msg.step),
+            "meta": msg.meta,
+            "buffers": entries,
+        }
+        raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+        if len(raw) > MAX_HEADER_BYTES:
+            raise WireError("oversize", f"header of {msg.op!r} is {len(raw)} bytes")
+        return [compute_mac(self._secret, raw, frames), raw, *frames]
+
+    # -- decoding ---------------------------------------------------------------------------
+    def decode(self, frames: Sequence[Any]) -> Message:
+        """Check and parse frames (bytes, memoryviews or zmq Frames) into a Message.
+
+        Raises :class:`WireError` on any failed check; nothing is parsed before the MAC passes.
+        """
+        views = [_view(f) for f in frames]
+        if len(views) < 2:
+            raise WireError("frames", f"a message has at least 2 frames, got {len(views)}")
+        mac, header, buffers = views[0], views[1], views[2:]
+        if mac.nbytes != MAC_BYTES:
+            raise WireError("auth", f"MAC frame is {mac.nbytes} bytes, expected {MAC_BYTES}")
+        if header.nbytes > MAX_HEADER_BYTES:
+            raise WireError("oversize", f"header is {header.nbytes} bytes > {MAX_HEADER_BYTES}")
+        total = sum(b.nbytes for b in buffers)
+        if total > self.max_bytes:
+            raise WireError("oversize", f"message carries {total} bytes > limit {self.max_bytes}")
+        if not hmac.compare_digest(compute_mac(self._secret, header, buffers), mac):
+            raise WireError("auth", "bad MAC: the sender does not hold this job's secret")
+        head = _parse_header(header)
+        return Message(
+            op=head["op"],
+            worker=head["worker"],
+            step=head["step"],
+            meta=head["meta"],
+            tensors=self._tensors(head["buffers"], buffers),
+        )
+
+    def _tensors(self, entries: list[Any], buffers: list[memoryview]) -> dict[str, torch.Tensor]:
+        wanted = 0
+        for entry in entries:
+            _check_entry(entry)
+            wanted += entry["chunks"]
+        if wanted != len(buffers):
+            kind = "truncated" if wanted > len(buffers) else "extra"
+            raise WireError(
+                "frames", f"{kind} message: header lists {wanted} buffer frames, got {len(buffers)}"
+            )
+        out: dict[str, torch.Tensor] = {}
+        pos = 0
+        for entry in entries:
+            key, dtype, shape = entry["key"], DTYPES[entry["dtype"]], entry["shape"]
+            parts = buffers[pos : pos + entry["chunks"]]
+            pos += entry["chunks"]
+            expected = math.prod(shape) * dtype.itemsize
+            got = sum(p.nbytes for p in parts)
+            if got != expected:
+                raise WireError(
+                    "shape",
+                    f"buffer {key!r}: {entry['dtype']} {shape} needs {expected} bytes, got {got}",
+                )
+            if key in out:
+                raise WireError("header", f"buffer key {key!r} appears twice")
+            out[key] = _tensor(parts, dtype, shape, expected)
+        return out
+
+
+def _view(frame: Any) -> memoryview:
+    buf = getattr(frame, "buffer", frame)
+    view = buf if isinstance(buf, memoryview) else memoryview(buf)
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _parse_header(raw: memoryview) -> dict[str, Any]:
+    try:
+        head = json.loads(bytes(raw))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise WireError("header", f"header is not JSON: {exc}") from None
+    if not isinstance(head, dict) or set(head) != _HEADER_KEYS:
+        got = sorted(head) if isinstance(head, dict) else type(head).__name__
+        raise WireError("header", f"header must have keys {sorted(_HEADER_KEYS)}, got {got}")
+    if head["version"] != PROTOCOL_VERSION:
+        raise WireError(
+            "version",
+            f"protocol version {head['version']!r}, expected {PROTOCOL_VERSION}; "
+            "run the same concord version on every process",
+        )
+    if not isinstance(head["op"], str) or not head["op"]:
+        raise WireError("header", f"op must be a non-empty string, got {head['op']!r}")
+    for name in ("worker", "step"):
+        if type(head[name]) is not int:
+            raise WireError("header", f"{name} must be an integer, got {head[name]!r}")
+    if not isinstance(head["meta"], dict) or not isinstance(head["buffers"], list):
+        raise WireError("header", "meta must be a map and buffers a list")
+    return head
+
+
+def _check_entry(entry: Any) -> None:
+    if not isinstance(entry, dict) or set(entry) != {"key", "dtype", "shape", "chunks"}:
+        raise WireError("header", f"bad buffer entry {entry!r}")
+    if not isinstance(entry["key"], str):
+        raise WireError("header", f"buffer key must be a string, got {entry['key']!r}")
+    if entry["dtype"] not in DTYPES:
+        raise WireError("dtype", f"buffer {entry['key']!r}: dtype {entry['dtype']!r} not allowed")
+    shape = entry["shape"]
+    if not isinstance(shape, list) or any(type(d) is not int or d < 0 for d in shape):
+        raise WireError("shape", f"buffer {entry['key']!r}: bad shape {shape!r}")
+    if type(entry["chunks"]) is not int or entry["chunks"] < 1:
+        raise WireError("header", f"buffer {entry['key']!r}: bad chunk count {entry['chunks']!r}")
+
+
+def _tensor(parts: list[memoryview], dtype: torch.dtype, shape: list[int], n: int) -> torch.Tensor:
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    if len(parts) == 1 and n >= 4096 and not parts[0].readonly:
+        return torch.frombuffer(parts[0], dtype=dtype).reshape(shape)
+    out = torch.empty(n, dtype=torch.uint8)
+    dest, pos = out.numpy(), 0
+    for part in parts:
+        dest[pos : pos + part.nbytes] = np.frombuffer(part, dtype=np.uint8)
+        pos += part.nbytes
+    return out.view(dtype).reshape(shape)

@@ -1,0 +1,298 @@
+"""Pipeline model parallelism: a model cut into stages, one per process, alone or with replicas.
+
+``Pipeline(stages=P, microbatches=M, schedule="gpipe"|"1f1b", split=..., replicas=D)`` needs
+``WORLD_SIZE == P * D`` workers. Rank layout: ``rank = replica * P + stage``, so ranks
+``r*P .. r*P+P-1`` hold one full copy of the model (replica r) and ranks ``s, P+s, 2P+s, ..``
+hold stage s of every replica (their gradients are averaged in ``opt.step()``). Every stage
+of a replica must see the same batch: ``data_shard(ctx)`` is ``(replica, D)``.
+
+Training goes through ``model.train_batch(x, y, loss_fn)``: the batch is cut into M
+micro-batches (sizes differ by at most one when M does not divide it; with fewer samples than
+M, one micro-batch per sample), run forward and backward in the schedule's order
+(``concord.algorithms.schedules``), each micro-batch loss weighted by its share of the batch so
+that gradients equal the unsplit model's on the whole batch (``loss_fn`` must average over its
+micro-batch, like ``F.cross_entropy``). It returns the batch loss on every stage. ``model(x)``
+is inference: the output comes back to every stage of the replica.
+
+Activations and their gradients travel by ``torch.distributed`` isend/irecv (gloo on CPU),
+each activation after a small shape header; every wait has the job timeout, and a stage that
+dies or stalls makes its neighbours raise ``PeerTimeoutError`` naming its stage and rank.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from concord.algorithms import schedules as sched
+from concord.algorithms.partition import Split, balanced_split, explicit_split
+from concord.errors import PeerTimeoutError, UsageError
+from concord.strategies.allreduce import broadcast_state
+from concord.strategies.base import DataShard, Distributed, DistributedOptimizer, Strategy
+from concord.strategies.pipeline_runtime import (
+    PipelineStage,
+    PipelineStats,
+    StageLink,
+    StagePlace,
+    first_line,
+)
+
+if TYPE_CHECKING:
+    from concord.comm.runtime import Context
+
+SPLITS = ("params", "time")
+
+
+@dataclass(frozen=True)
+class Pipeline(Strategy):
+    """Model parallelism: ``stages`` processes per model copy, ``replicas`` copies.
+
+    ``split``: None or ``"params"`` (balance parameter counts), ``"time"`` (balance the
+    forward+backward time measured on rank 0 on a batch of 32 samples shaped ``sample_shape``,
+    inferred when the first layer with weights is ``nn.Linear``), or the P-1 indices of the
+    first layer of stages 1..P-1.
+    """
+
+    stages: int = 2
+    microbatches: int = 4
+    schedule: str = "1f1b"
+    split: str | tuple[int, ...] | None = None
+    replicas: int = 1
+    sample_shape: tuple[int, ...] | None = None
+
+    name = "pipeline"
+
+    def __post_init__(self) -> None:
+        for field_name in ("stages", "microbatches", "replicas"):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"Pipeline({field_name}={value!r}): must be an integer >= 1")
+        if self.schedule not in sched.SCHEDULES:
+            raise UsageError(
+                f"Pipeline(schedule={self.schedule!r}): choose one of {', '.join(sched.SCHEDULES)}"
+            )
+        if isinstance(self.split, list | tuple):
+            object.__setattr__(self, "split", tuple(self.split))
+            if len(self.split) != self.stages - 1:
+                raise UsageError(
+                    f"Pipeline(split={list(self.split)}): {self.stages} stages need "
+                    f"{self.stages - 1} cut point(s), the first layer index of stages 1..P-1"
+                )
+        elif self.split is not None and self.split not in SPLITS:
+            raise UsageError(
+                f"Pipeline(split={self.split!r}): use None, 'params', 'time' or a list of "
+                f"{self.stages - 1} layer indices"
+            )
+        if self.sample_shape is not None:
+            object.__setattr__(self, "sample_shape", tuple(int(d) for d in self.sample_shape))
+
+    def place(self, ctx: Context) -> StagePlace:
+        """This process's stage and replica; checks that WORLD_SIZE is stages * replicas."""
+        if ctx.world_size != self.stages * self.replicas:
+            raise UsageError(
+                f"stages({self.stages}) * replicas({self.replicas}) != "
+                f"WORLD_SIZE({ctx.world_size}); start {self.stages * self.replicas} workers "
+                "or change --stages/--replicas"
+            )
+        replica, stage = divmod(ctx.rank, self.stages)
+        return StagePlace(stage, replica, self.stages, self.replicas)
+
+    def data_shard(self, ctx: Context) -> DataShard:
+        """Every stage of replica r reads data shard r of D (the same batches)."""
+        return DataShard(self.place(ctx).replica, self.replicas)
+
+    def distribute(
+        self, model: nn.Module | Sequence[nn.Module], optimizer: torch.optim.Optimizer, ctx: Context
+    ) -> Distributed:
+        """Keep this rank's stage of ``model`` and an optimizer over only its parameters."""
+        layers = as_layers(model)
+        place = self.place(ctx)
+        if ctx.world_size > 1:
+            broadcast_state(nn.ModuleList([m for _, m in layers]))  # rank 0's weights win
+        split = self.plan(layers, ctx)
+        mine = [layers[i] for i in split.ranges()[place.stage]]
+        link = StageLink(place, ctx.timeout, ctx.device)
+        stage = PipelineStage(mine, place, self.microbatches, self.schedule, link)
+        local_opt = restrict_optimizer(optimizer, list(stage.parameters()))
+        group = _stage_groups(place, ctx.timeout)
+        return Distributed(stage, PipelineOptimizer(local_opt, place, group, ctx.timeout))
+
+    def plan(self, layers: Sequence[tuple[str, nn.Module]], ctx: Context | None = None) -> Split:
+        """The stage split of ``layers`` (the same on every rank)."""
+        n = len(layers)
+        if isinstance(self.split, tuple):
+            return explicit_split(n, self.stages, self.split)
+        if self.split == "time":
+            return self._time_split(layers, ctx)
+        costs = [sum(p.numel() for p in m.parameters()) for _, m in layers]
+        if sum(costs) == 0:
+            costs = [1] * n
+        return balanced_split(costs, self.stages)
+
+    def _time_split(self, layers: Sequence[tuple[str, nn.Module]], ctx: Context | None) -> Split:
+        starts = torch.zeros(self.stages, dtype=torch.int64)
+        if ctx is None or ctx.rank == 0:
+            shape = self.sample_shape or _infer_sample_shape(layers)
+            seconds = measure_layer_seconds([m for _, m in layers], torch.randn(32, *shape))
+            starts = torch.tensor(balanced_split(seconds, self.stages).starts)
+        if ctx is not None and ctx.world_size > 1:
+            dist.broadcast(starts, 0)
+        return Split(tuple(int(v) for v in starts), len(layers))
+
+
+def as_layers(model: nn.Module | Sequence[nn.Module]) -> list[tuple[str, nn.Module]]:
+    """The named layers of an ``nn.Sequential`` or a list of modules, in order."""
+    if isinstance(model, nn.Sequential):
+        layers = list(model.named_children())
+    elif isinstance(model, nn.ModuleList | list | tuple):
+        layers = [(str(i), m) for i, m in enumerate(model)]
+    else:
+        raise TypeError(
+            f"Pipeline needs an nn.Sequential or a list of modules to cut into stages, got "
+            f"{type(model).__name__}; write the model as nn.Sequential(layer, layer, ...)"
+        )
+    bad = [name for name, m in layers if not isinstance(m, nn.Module)]
+    if bad or not layers:
+        raise TypeError(f"every layer must be an nn.Module (bad: {bad}) and there must be one")
+    return layers
+
+
+def _infer_sample_shape(layers: Sequence[tuple[str, nn.Module]]) -> tuple[int, ...]:
+    for _, module in layers:
+        if isinstance(module, nn.Linear):
+            return (module.in_features,)
+        if any(True for _ in module.parameters()):
+            break
+    raise UsageError(
+        "Pipeline(split='time') cannot infer the input shape of this model; pass "
+        "Pipeline(..., sample_shape=(C, H, W)), the shape of one input sample"
+    )
+
+
+def measure_layer_seconds(
+    modules: Sequence[nn.Module], sample: torch.Tensor, repeats: int = 5
+) -> list[float]:
+    """Median forward+backward seconds of each layer on ``sample`` (after one warm-up)."""
+    seconds = []
+    x = sample
+    for module in modules:
+        times = []
+        for i in range(repeats + 1):
+            inp = x.detach().requires_grad_(x.is_floating_point())
+            start = time.perf_counter()
+            out = module(inp)
+            if out.requires_grad:
+                out.backward(torch.ones_like(out))
+            if i:
+                times.append(time.perf_counter() - start)
+        module.zero_grad(set_to_none=True)
+        seconds.append(sorted(times)[len(times) // 2])
+        x = out.detach()
+    return seconds
+
+
+def restrict_optimizer(
+    optimizer: torch.optim.Optimizer, keep: Sequence[nn.Parameter]
+) -> torch.optim.Optimizer:
+    """A new optimizer of the same class and hyperparameters over only ``keep``.
+
+    Param groups keep their order and settings (a group may end up empty); existing state
+    (momentum buffers) of the kept parameters carries over.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}; build it on "
+            "the whole model's parameters, then distribute both"
+        )
+    ids = {id(p) for p in keep}
+    groups = [
+        {
+            **{k: v for k, v in g.items() if k != "params"},
+            "params": [p for p in g["params"] if id(p) in ids],
+        }
+        for g in optimizer.param_groups
+    ]
+    cls = type(optimizer)
+    accepted = inspect.signature(cls.__init__).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    local = cls(groups, **defaults)
+    for group in local.param_groups:
+        for p in group["params"]:
+            if p in optimizer.state:
+                local.state[p] = optimizer.state[p]
+    return local
+
+
+def _stage_groups(place: StagePlace, timeout: float) -> Any:
+    """The process group of this stage across replicas (every rank creates all of them)."""
+    if place.replicas == 1:
+        return None
+    mine = None
+    for stage in range(place.stages):
+        ranks = [r * place.stages + stage for r in range(place.replicas)]
+        group = dist.new_group(ranks, timeout=timedelta(seconds=timeout))
+        if stage == place.stage:
+            mine = group
+    return mine
+
+
+class PipelineOptimizer(DistributedOptimizer):
+    """This stage's optimizer; with replicas, ``step()`` first averages the stage's gradients."""
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, place: StagePlace, group: Any, timeout: float
+    ) -> None:
+        super().__init__(optimizer)
+        self.place = place
+        self.group = group
+        self.timeout = timeout
+
+    def synchronize(self) -> None:
+        if self.place.replicas == 1:
+            return
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p)
+        for group in by_dtype.values():
+            flat = torch.cat([p.grad.reshape(-1) for p in group])
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
+            try:
+                work.wait(timeout=timedelta(seconds=self.timeout))
+            except RuntimeError as exc:
+                ranks = [
+                    r * self.place.stages + self.place.stage for r in range(self.place.replicas)
+                ]
+                raise PeerTimeoutError(
+                    f"pipeline stage {self.place.stage} (rank {self.place.rank}): averaging "
+                    f"gradients with the same stage of the other replicas (ranks {ranks}) "
+                    f"failed within {self.timeout:g}s: {first_line(exc)}"
+                ) from None
+            flat /= self.place.replicas
+            offset = 0
+            for p in group:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+
+
+__all__ = [
+    "Pipeline",
+    "PipelineOptimizer",
+    "PipelineStage",
+    "PipelineStats",
+    "StageLink",
+    "StagePlace",
+    "as_layers",
+    "measure_layer_seconds",
+    "restrict_optimizer",
+]

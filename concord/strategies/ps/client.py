@@ -1,0 +1,241 @@
+"""The worker side of a parameter server: register, then push and pull every step.
+
+``connect`` plans the shards (the same plan on every worker), looks up each server's address
+in the job's store, registers (worker 0 sends the initial parameters and the optimizer spec;
+every worker gets the servers' parameters back) and returns a :class:`PSOptimizer`.
+
+``PSOptimizer.step()`` sends one message per server, all before waiting for any reply, so the
+shards work in parallel:
+
+- push="grad": each piece's gradient (none for a parameter without ``.grad``); the reply
+  carries the shard's new parameters, copied into the model. The local optimizer never steps.
+- push="delta": the local optimizer steps, the change since the last pull is pushed, and the
+  server's latest parameters replace the local ones.
+
+Gradients leave without copies (zmq reads the ``.grad`` memory; it is done before the reply
+comes back, so ``zero_grad()`` after ``step()`` is safe).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch import nn
+
+from concord.algorithms.ps_plan import (
+    ParamInfo,
+    Piece,
+    hyperparameters,
+    plan_shards,
+    spec_from_optimizer,
+)
+from concord.comm.channel import ClientChannel
+from concord.comm.wire import Codec, Message, dtype_name
+from concord.errors import PeerTimeoutError, ProtocolError, UsageError
+from concord.strategies.allreduce import broadcast_state
+from concord.strategies.base import DistributedOptimizer
+from concord.strategies.ps.config import ParameterServer
+from concord.strategies.ps.shard import piece_meta
+
+log = logging.getLogger("concord.ps")
+
+
+def describe(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[list[nn.Parameter], list[ParamInfo]]:
+    """The optimizer's parameters in order, with their model names, shapes, dtypes, groups."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    params, infos = [], []
+    for group_index, group in enumerate(optimizer.param_groups):
+        for param in group["params"]:
+            name = names.get(id(param))
+            if name is None:
+                raise UsageError(
+                    f"optimizer parameter #{len(params)} of shape {list(param.shape)} is not a "
+                    "parameter of the model; build the optimizer on model.parameters()"
+                )
+            if not param.is_contiguous():
+                raise UsageError(f"parameter {name!r} is not contiguous; make it contiguous")
+            params.append(param)
+            infos.append(
+                ParamInfo(
+                    name,
+                    tuple(param.shape),
+                    dtype_name(param.dtype),
+                    param.element_size(),
+                    group_index,
+                )
+            )
+    return params, infos
+
+
+def server_address(ctx: Any, server: int) -> str:
+    """Wait (up to the job timeout) for server ``server`` to publish its address."""
+    key = f"{ctx.store_prefix}server/{server}/addr"
+    try:
+        ctx.store.wait([key], timedelta(seconds=ctx.timeout))
+        return ctx.store.get(key).decode()
+    except (RuntimeError, TimeoutError) as exc:
+        raise PeerTimeoutError(
+            f"worker {ctx.rank}: server {server} did not publish its address (store key "
+            f"{key!r}) within {ctx.timeout:g}s; did the job start with concord run --servers "
+            f"{ctx.servers}, and did server {server} start? ({exc})"
+        ) from None
+
+
+def connect(
+    strategy: ParameterServer,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ctx: Any,
+    servers: int,
+) -> PSOptimizer:
+    """Register ``model``'s parameters with the servers and return the wrapped optimizer."""
+    broadcast_state(model)  # buffers and parameters outside the optimizer start equal
+    params, infos = describe(model, optimizer)
+    spec = spec_from_optimizer(optimizer).to_json() if strategy.push == "grad" else None
+    plan = plan_shards(infos, servers)
+    codec = Codec(ctx.secret)
+    channels = [
+        ClientChannel(codec, server_address(ctx, s), f"server {s}", ctx.timeout)
+        for s in range(servers)
+    ]
+    opt = PSOptimizer(optimizer, strategy, ctx, params, infos, plan.shards, channels)
+    opt.register(spec)
+    return opt
+
+
+class PSOptimizer(DistributedOptimizer):
+    """The user's optimizer wrapped for a parameter server; ``step()`` pushes and pulls."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        strategy: ParameterServer,
+        ctx: Any,
+        params: list[nn.Parameter],
+        infos: list[ParamInfo],
+        shards: tuple[tuple[Piece, ...], ...],
+        channels: list[ClientChannel],
+    ) -> None:
+        super().__init__(optimizer)
+        self.strategy, self.rank, self.world = strategy, ctx.rank, ctx.world_size
+        self.timeout = ctx.timeout
+        by_name = dict(zip((i.name for i in infos), zip(params, infos)))
+        self._slots = [[(pc, *by_name[pc.name]) for pc in shard] for shard in shards]
+        self.channels = channels
+        self.versions = [0] * len(channels)
+        self._base: dict[str, torch.Tensor] = {}
+        self._hp_sent: list[dict[str, Any]] | None = None
+        self._finalizer = weakref.finalize(self, _goodbye, channels, ctx.rank)
+
+    # -- protocol ---------------------------------------------------------------------------
+    def register(self, spec: dict[str, Any] | None) -> None:
+        """Register with every server and load their parameters."""
+        config = self.strategy.config(self.world)
+        for s, chan in enumerate(self.channels):
+            metas = [
+                piece_meta(pc, info.shape, info.dtype, info.group) for pc, _, info in self._slots[s]
+            ]
+            tensors = {pc.key: _flat(p)[pc.start : pc.stop] for pc, p, _ in self._slots[s]}
+            meta = {"config": config, "params": metas, "optimizer": spec}
+            chan.send(
+                Message(
+                    "register",
+                    worker=self.rank,
+                    meta=meta,
+                    tensors=tensors if self.rank == 0 else {},
+                )
+            )
+        self._collect("registration (worker 0 registers first)", 2 * self.timeout + 5)
+
+    def step(self, closure: Any = None) -> None:
+        """Push this worker's gradients (or parameter change) and load the new parameters."""
+        if closure is not None:
+            raise ValueError("concord optimizers do not take a closure; call backward() first")
+        delta = self.strategy.push == "delta"
+        if delta:
+            self.optimizer.step()
+        meta = {} if delta else self._hp_meta()
+        for s, chan in enumerate(self.channels):
+            tensors = self._deltas(s) if delta else self._grads(s)
+            chan.send(
+                Message("push", worker=self.rank, step=self.versions[s], meta=meta, tensors=tensors)
+            )
+        self._collect("new parameters after a push", 2 * self.timeout + 5)
+
+    def synchronize(self) -> None:
+        """Load the servers' latest parameters."""
+        for chan in self.channels:
+            chan.send(Message("pull", worker=self.rank))
+        self._collect("parameters (pull)", 2 * self.timeout + 5)
+
+    def server_stats(self) -> list[dict[str, Any]]:
+        """Each server's stats: version, staleness/lead histograms, bytes, dropped gradients."""
+        return [
+            chan.request(Message("stats", worker=self.rank), awaiting="stats").meta
+            for chan in self.channels
+        ]
+
+    def close(self) -> None:
+        """Say goodbye to the servers (also done at exit); the optimizer is unusable after."""
+        self._finalizer()
+
+    # -- pieces -----------------------------------------------------------------------------
+    def _grads(self, s: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for pc, param, _ in self._slots[s]:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise UsageError(f"{pc.name}: sparse gradients are not supported by a PS")
+            out[pc.key] = param.grad.detach().reshape(-1)[pc.start : pc.stop].cpu()
+        return out
+
+    def _deltas(self, s: int) -> dict[str, torch.Tensor]:
+        return {
+            pc.key: _flat(p)[pc.start : pc.stop].cpu() - self._base[pc.key]
+            for pc, p, _ in self._slots[s]
+        }
+
+    def _hp_meta(self) -> dict[str, Any]:
+        settings = hyperparameters(self.optimizer)
+        if settings == self._hp_sent:
+            return {}
+        self._hp_sent = settings
+        return {"hp": settings}
+
+    def _collect(self, awaiting: str, timeout: float) -> None:
+        for s, chan in enumerate(self.channels):
+            reply = chan.recv(awaiting=f"{awaiting} (worker {self.rank})", timeout=timeout)
+            self._load(s, reply)
+
+    @torch.no_grad()
+    def _load(self, s: int, reply: Message) -> None:
+        if reply.op != "params":
+            raise ProtocolError(f"server {s} answered {reply.op!r}, expected 'params'")
+        for pc, param, _ in self._slots[s]:
+            value = reply.tensors.get(pc.key)
+            if value is None or value.numel() != pc.numel:
+                raise ProtocolError(f"server {s} sent no or a wrong-size value for {pc.key}")
+            _flat(param)[pc.start : pc.stop].copy_(value)
+            if self.strategy.push == "delta":
+                self._base[pc.key] = value
+        self.versions[s] = reply.step
+
+
+def _flat(param: torch.Tensor) -> torch.Tensor:
+    return param.data.view(-1)
+
+
+def _goodbye(channels: list[ClientChannel], rank: int) -> None:
+    for chan in channels:
+        try:
+            chan.request(Message("goodbye", worker=rank), awaiting="goodbye", timeout=5)
+        except Exception as exc:  # noqa: BLE001 - leaving must not fail the job
+            log.debug("worker %d: goodbye to %s failed: %s", rank, chan.peer, exc)
+        chan.close()

@@ -1,0 +1,417 @@
+"""A parameter-server process holding one shard: ``python -m concord.strategies.ps.server``.
+
+``concord run -n 4 --servers 2 train.py`` starts two of these next to the four workers, with
+``CONCORD_ROLE=server``, ``RANK`` = server index, ``WORLD_SIZE`` = number of workers,
+``CONCORD_SERVERS``, ``MASTER_ADDR``/``MASTER_PORT`` (the job's store), ``CONCORD_SECRET`` and
+``CONCORD_TIMEOUT``. The server binds a ZeroMQ ROUTER port, publishes ``tcp://host:port`` in
+the store under ``concord/<attempt>/server/<rank>/addr`` and serves until every worker has said
+goodbye (or was lost), or the launcher stops it. It never runs user code.
+
+Operations (all authenticated, see :mod:`concord.comm.wire`): ``register`` (worker 0 sends
+the initial pieces and the optimizer spec; others are checked against it), ``push`` (a
+gradient, or a parameter change with push="delta"), ``pull``, ``stats`` and ``goodbye``.
+Every ``push``/``pull``/``register`` is answered with ``params`` (step = the shard version).
+
+Log lines: ``stats: version=.. pushes=.. dropped=.. staleness={..} lead={..}`` every 30 s and
+at exit; ``lost worker N`` when a worker stops talking for the timeout; ``rejected`` for bad
+messages (they get an error reply; the server keeps serving).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from dataclasses import fields
+from typing import Any
+
+from concord.algorithms.ps_rules import StalenessClock, SyncAggregator
+from concord.comm.channel import Request, ServerChannel
+from concord.comm.runtime import init
+from concord.comm.wire import Codec, Message, WireError, error_message
+from concord.strategies.ps.config import ParameterServer
+from concord.strategies.ps.shard import Shard
+
+log = logging.getLogger("concord.ps.server")
+STATS_EVERY = 30.0
+_DROPPED_LOG = 1000
+
+
+class ShardServer:
+    """The request loop of one shard (single-threaded: every state change happens here)."""
+
+    def __init__(self, channel: ServerChannel, rank: int, workers: int, timeout: float) -> None:
+        self.chan, self.rank, self.workers, self.timeout = channel, rank, workers, timeout
+        self.shard = Shard(rank)
+        self.strategy: ParameterServer | None = None
+        self.sync: SyncAggregator | None = None
+        self.clock: StalenessClock | None = None
+        self.waiting: dict[int, bytes] = {}  # sync: workers whose gradient is in this round
+        self.gated: dict[int, bytes] = {}  # async: replies held back by max_staleness
+        self.pending: list[tuple[float, Request]] = []  # registrations before worker 0's
+        self.done: set[int] = set()
+        self.lost: set[int] = set()
+        self.last_seen: dict[int, float] = {}
+        self.round_started: float | None = None
+        self.trackers: list[Any] = []
+        self.staleness: Counter[int] = Counter()
+        self.lead: Counter[int] = Counter()
+        self.counts: Counter[str] = Counter()
+        self.fatal: str | None = None
+        self.started = time.monotonic()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def serve(self) -> int:
+        """Serve until every worker is done or lost; 1 if a sync step could not complete."""
+        next_log = time.monotonic() + STATS_EVERY
+        while not self.finished():
+            req = self.chan.poll(timeout=0.25)
+            if req is not None:
+                self.dispatch(req)
+            self.check_deadlines(time.monotonic())
+            if self.fatal:
+                log.error("server %d: %s", self.rank, self.fatal)
+                return 1
+            if time.monotonic() > next_log:
+                self.log_stats()
+                next_log = time.monotonic() + STATS_EVERY
+        self.log_stats()
+        return 0
+
+    def finished(self) -> bool:
+        return (
+            self.shard.registered
+            and not self.pending
+            and self.done | self.lost >= set(range(self.workers))
+        )
+
+    def dispatch(self, req: Request) -> None:
+        handler = {
+            "register": self.on_register,
+            "push": self.on_push,
+            "pull": self.on_pull,
+            "stats": self.on_stats,
+            "goodbye": self.on_goodbye,
+        }.get(req.msg.op)
+        try:
+            if handler is None:
+                raise WireError("op", f"unknown op {req.msg.op!r}")
+            if not 0 <= req.msg.worker < self.workers:
+                raise WireError(
+                    "header", f"worker {req.msg.worker} is not in 0..{self.workers - 1}"
+                )
+            self.last_seen[req.msg.worker] = time.monotonic()
+            handler(req)
+        except (WireError, ValueError, TypeError) as exc:
+            kind = getattr(exc, "kind", "request")
+            self.chan.rejected[kind] += 1
+            log.warning(
+                "server %d: rejected %s from worker %d: %s",
+                self.rank,
+                req.msg.op,
+                req.msg.worker,
+                exc,
+            )
+            self.chan.reply(req.peer, error_message(kind, str(exc)))
+
+    def reply_params(self, peer: bytes, copy: bool = True) -> None:
+        values = self.shard.snapshot(copy=copy)
+        tracker = self.chan.reply(
+            peer, Message("params", step=self.shard.version, tensors=values), track=not copy
+        )
+        if tracker is not None and not copy:
+            self.trackers.append(tracker)
+
+    # -- operations -------------------------------------------------------------------------
+    def on_register(self, req: Request) -> None:
+        msg = req.msg
+        config = msg.meta.get("config")
+        if not isinstance(config, dict) or config.get("workers") != self.workers:
+            got = config.get("workers") if isinstance(config, dict) else config
+            raise WireError(
+                "config",
+                f"worker {msg.worker} says the job has {got} workers but server {self.rank} "
+                f"was started with WORLD_SIZE={self.workers}",
+            )
+        if self.shard.registered:
+            self.shard.check_worker(msg.worker, config, msg.meta.get("params"))
+            self.reply_params(req.peer)
+        elif msg.worker == 0:
+            self.strategy = _strategy(config)
+            self.shard.register_first(
+                config, msg.meta.get("params"), msg.meta.get("optimizer"), msg.tensors
+            )
+            self._start_mode(self.strategy)
+            log.info(
+                "server %d: %d pieces registered (%s)",
+                self.rank,
+                len(self.shard.values),
+                self.strategy.name,
+            )
+            self.reply_params(req.peer)
+            pending, self.pending = self.pending, []
+            for _, waiting in pending:
+                self.dispatch(waiting)
+        else:
+            self.pending.append((time.monotonic(), req))
+
+    def _start_mode(self, strategy: ParameterServer) -> None:
+        if strategy.mode == "sync":
+            self.sync = SyncAggregator(self.workers, strategy.backup_workers)
+        else:
+            self.clock = StalenessClock(range(self.workers), strategy.max_staleness)
+
+    def on_push(self, req: Request) -> None:
+        msg = self._registered(req)
+        worker = msg.worker
+        if worker in self.done:
+            raise WireError("request", f"worker {worker} said goodbye and cannot push again")
+        if worker in self.lost:
+            self.lost.discard(worker)
+            log.warning("server %d: lost worker %d is back", self.rank, worker)
+        what = "delta" if self.shard.config.get("push") == "delta" else "gradient"
+        self.shard.check_tensors(msg.tensors, what)
+        staleness = self.shard.version - msg.step
+        if staleness < 0:
+            raise WireError(
+                "request",
+                f"worker {worker} pushed for version {msg.step} but server {self.rank} is at "
+                f"version {self.shard.version}",
+            )
+        self.shard.set_hyperparameters(msg.meta.get("hp"))
+        self.counts["pushes"] += 1
+        self.staleness[staleness] += 1
+        if self.sync is not None:
+            self._sync_push(req)
+        else:
+            self._async_push(req)
+
+    def _sync_push(self, req: Request) -> None:
+        assert self.sync is not None
+        status = self.sync.push(req.msg.worker, req.msg.step, req.msg.tensors)
+        if status == "late":
+            self.counts["dropped"] += 1
+            log.debug(
+                "server %d: dropped late gradient of worker %d for step %d",
+                self.rank,
+                req.msg.worker,
+                req.msg.step,
+            )
+            self.reply_params(req.peer)
+            return
+        self.waiting[req.msg.worker] = req.peer
+        if self.round_started is None:
+            self.round_started = time.monotonic()
+        if status == "complete":
+            self._finish_round()
+
+    def _finish_round(self) -> None:
+        assert self.sync is not None
+        self._wait_trackers()
+        result = self.sync.finish()
+        self.shard.apply_grads(result.grads)
+        self.counts["applied"] += 1
+        self.round_started = None
+        for worker in result.contributors:
+            self.reply_params(self.waiting.pop(worker), copy=False)
+
+    def _wait_trackers(self) -> None:
+        """Parameters are about to change in place: let zmq finish sending the last replies."""
+        deadline = time.monotonic() + min(self.timeout, 10.0)
+        for tracker in self.trackers:
+            try:
+                tracker.wait(max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - zmq.NotDone: a dead peer's reply; go on
+                log.warning("server %d: a reply was still unsent after 10s", self.rank)
+        self.trackers = []
+
+    def _async_push(self, req: Request) -> None:
+        assert self.clock is not None
+        if self.shard.config.get("push") == "delta":
+            self.shard.apply_deltas(req.msg.tensors)
+        else:
+            self.shard.apply_grads(req.msg.tensors)
+        self.counts["applied"] += 1
+        self.clock.tick(req.msg.worker)
+        if not self.clock.may_proceed(req.msg.worker):
+            self.counts["gate_waits"] += 1
+        self.gated[req.msg.worker] = req.peer
+        self._release()
+
+    def _release(self) -> None:
+        """Answer every held push whose worker may now go on (lead <= max_staleness)."""
+        assert self.clock is not None
+        for worker, peer in list(self.gated.items()):
+            if self.clock.may_proceed(worker):
+                self.lead[self.clock.lead(worker)] += 1
+                del self.gated[worker]
+                self.reply_params(peer)
+
+    def on_pull(self, req: Request) -> None:
+        self._registered(req)
+        self.reply_params(req.peer)
+
+    def on_stats(self, req: Request) -> None:
+        self.chan.reply(req.peer, Message("stats", meta=self.stats()))
+
+    def on_goodbye(self, req: Request) -> None:
+        worker = req.msg.worker
+        self.done.add(worker)
+        self.chan.reply(req.peer, Message("bye"))
+        self._forget(worker)
+
+    def _forget(self, worker: int) -> None:
+        """Stop waiting for ``worker`` (goodbye or lost)."""
+        if self.sync is not None and self.sync.remove(worker):
+            self._finish_round()
+        if self.clock is not None:
+            self.clock.remove(worker)
+            self._release()
+
+    def _registered(self, req: Request) -> Message:
+        if not self.shard.registered:
+            raise WireError("request", "worker 0 has not registered the parameters yet")
+        return req.msg
+
+    # -- deadlines --------------------------------------------------------------------------
+    def check_deadlines(self, now: float) -> None:
+        for since, req in list(self.pending):
+            if now - since > self.timeout:
+                self.pending.remove((since, req))
+                self.chan.reply(
+                    req.peer,
+                    error_message(
+                        "timeout",
+                        f"server {self.rank}: worker 0 did not register within "
+                        f"{self.timeout:g}s, so worker {req.msg.worker} cannot start",
+                    ),
+                )
+        if self.sync is not None and self.round_started is not None:
+            if now - self.round_started > self.timeout:
+                self._round_timeout()
+        if self.clock is not None and (self.gated or self.done):
+            for worker in list(self.clock.clock):
+                if now - self.last_seen.get(worker, self.started) > self.timeout:
+                    self.lost.add(worker)
+                    log.warning(
+                        "server %d: lost worker %d (silent for %gs); the others go on",
+                        self.rank,
+                        worker,
+                        self.timeout,
+                    )
+                    self._forget(worker)
+
+    def _round_timeout(self) -> None:
+        assert self.sync is not None and self.strategy is not None
+        missing, got = self.sync.missing(), list(self.sync.contributors)
+        floor = self.strategy.min_workers
+        if floor is not None and len(got) >= floor:
+            log.warning(
+                "server %d: step %d goes on with workers %s; lost %s after %gs",
+                self.rank,
+                self.sync.version,
+                got,
+                missing,
+                self.timeout,
+            )
+            self.lost.update(missing)
+            for worker in missing:
+                self.sync.remove(worker)
+            self._finish_round()
+            return
+        self.fatal = (
+            f"sync step {self.sync.version}: worker(s) {missing} sent no gradient to server "
+            f"{self.rank} within {self.timeout:g}s (got workers {got}); a worker died or hangs. "
+            "ParameterServer(min_workers=m) would go on with the survivors"
+        )
+        for peer in self.waiting.values():
+            self.chan.reply(peer, error_message("timeout", self.fatal, missing=missing))
+        self.waiting = {}
+
+    # -- stats ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Versions, staleness and lead histograms, bytes, dropped late gradients."""
+        dropped = self.sync.dropped[-_DROPPED_LOG:] if self.sync is not None else []
+        return {
+            "server": self.rank,
+            "strategy": self.strategy.name if self.strategy else None,
+            "version": self.shard.version,
+            "pushes": self.counts["pushes"],
+            "applied": self.counts["applied"],
+            "dropped": self.counts["dropped"],
+            "dropped_log": [list(d) for d in dropped],
+            "staleness": {str(k): v for k, v in sorted(self.staleness.items())},
+            "lead": {str(k): v for k, v in sorted(self.lead.items())},
+            "max_lead": max(self.lead, default=0),
+            "gate_waits": self.counts["gate_waits"],
+            "bytes_in": self.chan.bytes_in,
+            "bytes_out": self.chan.bytes_out,
+            "rejected": dict(self.chan.rejected),
+            "done": sorted(self.done),
+            "lost": sorted(self.lost),
+        }
+
+    def log_stats(self) -> None:
+        s = self.stats()
+        log.info(
+            "server %d stats: version=%d pushes=%d dropped=%d staleness=%s lead=%s "
+            "in=%.1fMB out=%.1fMB rejected=%s lost=%s",
+            self.rank,
+            s["version"],
+            s["pushes"],
+            s["dropped"],
+            s["staleness"],
+            s["lead"],
+            s["bytes_in"] / 1e6,
+            s["bytes_out"] / 1e6,
+            s["rejected"],
+            s["lost"],
+        )
+
+
+def _strategy(config: dict[str, Any]) -> ParameterServer:
+    names = {f.name for f in fields(ParameterServer)}
+    try:
+        return ParameterServer(**{k: v for k, v in config.items() if k in names})
+    except (TypeError, ValueError) as exc:
+        raise WireError("config", f"bad ParameterServer settings {config}: {exc}") from None
+
+
+def _hosts(master_addr: str) -> tuple[str, str]:
+    """(bind host, advertised host): loopback jobs stay on 127.0.0.1."""
+    if os.environ.get("CONCORD_HOST"):
+        return os.environ["CONCORD_HOST"], os.environ["CONCORD_HOST"]
+    if master_addr in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1", "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # sends nothing
+        probe.connect((master_addr, 9))
+        return "0.0.0.0", probe.getsockname()[0]
+
+
+def main() -> int:
+    """Run one server shard from the env contract; the exit code is the job's verdict."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    ctx = init()
+    if ctx.role != "server":
+        log.error("concord.strategies.ps.server runs with CONCORD_ROLE=server, got %r", ctx.role)
+        return 2
+    bind, advertise = _hosts(ctx.master_addr)
+    chan = ServerChannel(Codec(ctx.secret), host=bind, name=f"server {ctx.rank}")
+    address = f"tcp://{advertise}:{chan.port}"
+    ctx.store.set(f"{ctx.store_prefix}server/{ctx.rank}/addr", address)
+    log.info(
+        "server %d of %d: serving %d workers on %s", ctx.rank, ctx.servers, ctx.world_size, address
+    )
+    try:
+        return ShardServer(chan, ctx.rank, ctx.world_size, ctx.timeout).serve()
+    finally:
+        chan.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

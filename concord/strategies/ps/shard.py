@@ -1,0 +1,188 @@
+"""One server's shard: its parameter pieces, their optimizer, and registration checks.
+
+Pieces are 1-D tensors (elements ``[start, stop)`` of a flattened parameter, see
+:func:`concord.algorithms.ps_plan.plan_shards`). Worker 0 registers their initial values;
+every other worker's parameter list is checked against worker 0's and a mismatch names the
+parameter. Untrusted input (names, shapes, dtypes, optimizer settings) is validated here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from concord.algorithms.ps_plan import OptimizerSpec, Piece, plain_settings
+from concord.comm.wire import DTYPES, WireError
+
+_META_KEYS = {"name", "shape", "dtype", "group", "start", "stop"}
+
+
+def piece_meta(piece: Piece, shape: tuple[int, ...], dtype: str, group: int) -> dict[str, Any]:
+    """How a worker describes one piece at registration."""
+    return {
+        "name": piece.name,
+        "shape": list(shape),
+        "dtype": dtype,
+        "group": group,
+        "start": piece.start,
+        "stop": piece.stop,
+    }
+
+
+def _key(meta: dict[str, Any]) -> str:
+    return Piece(meta["name"], meta["start"], meta["stop"], 0).key
+
+
+def _check_meta(metas: Any) -> list[dict[str, Any]]:
+    if not isinstance(metas, list):
+        raise WireError("header", f"params must be a list, got {type(metas).__name__}")
+    for meta in metas:
+        ok = isinstance(meta, dict) and set(meta) == _META_KEYS
+        ok = ok and isinstance(meta["name"], str) and meta["dtype"] in DTYPES
+        ok = ok and all(type(meta[k]) is int and meta[k] >= 0 for k in ("group", "start", "stop"))
+        ok = ok and isinstance(meta["shape"], list)
+        ok = ok and all(type(d) is int and d >= 0 for d in meta["shape"])
+        if not ok or meta["start"] > meta["stop"]:
+            raise WireError("header", f"bad parameter description {meta!r}")
+    return metas
+
+
+class Shard:
+    """The pieces one server holds, their current values, and (push="grad") an optimizer."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.config: dict[str, Any] | None = None
+        self.metas: list[dict[str, Any]] = []
+        self.values: dict[str, torch.Tensor] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._groups: dict[int, dict[str, Any]] = {}
+        self.version = 0
+
+    @property
+    def registered(self) -> bool:
+        return self.config is not None
+
+    def register_first(
+        self, config: dict[str, Any], metas: Any, spec: Any, tensors: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Worker 0's registration: the pieces, their initial values, the optimizer."""
+        metas = _check_meta(metas)
+        keys = [_key(m) for m in metas]
+        self.check_tensors(tensors, "initial value", metas, require_all=True)
+        values = {key: tensors[key].detach().clone().reshape(-1) for key in keys}
+        if config.get("push") == "grad" and values:
+            opt_spec = _spec(spec)
+            by_group: list[list[torch.Tensor]] = [[] for _ in opt_spec.groups]
+            for meta, key in zip(metas, keys):
+                if meta["group"] >= len(by_group):
+                    raise WireError("header", f"{meta['name']}: no param group {meta['group']}")
+                by_group[meta["group"]].append(values[key])
+            self.optimizer = opt_spec.build(by_group)
+            self._map_groups(by_group)
+        self.config, self.metas, self.values = dict(config), metas, values
+
+    def _map_groups(self, by_group: list[list[torch.Tensor]]) -> None:
+        assert self.optimizer is not None
+        built = iter(self.optimizer.param_groups)
+        self._groups = {i: next(built) for i, ps in enumerate(by_group) if ps}
+
+    def check_worker(self, worker: int, config: Any, metas: Any) -> None:
+        """Raise a WireError naming the first difference from worker 0's registration."""
+        assert self.config is not None
+        if config != self.config:
+            diff = sorted(k for k in self.config if self.config.get(k) != (config or {}).get(k))
+            raise WireError(
+                "config",
+                f"worker {worker} uses ParameterServer settings {diff} = "
+                f"{[(config or {}).get(k) for k in diff]} but worker 0 registered "
+                f"{[self.config[k] for k in diff]}; every worker must use the same strategy",
+            )
+        metas = _check_meta(metas)
+        for i in range(max(len(metas), len(self.metas))):
+            mine = metas[i] if i < len(metas) else None
+            ref = self.metas[i] if i < len(self.metas) else None
+            if mine == ref:
+                continue
+            if mine is None or ref is None or mine["name"] != ref["name"]:
+                got = mine and mine["name"]
+                want = ref and ref["name"]
+                raise WireError(
+                    "shape",
+                    f"server {self.rank} piece {i}: worker {worker} has parameter {got!r} but "
+                    f"worker 0 registered {want!r}; every worker must build the same model",
+                )
+            raise WireError(
+                "shape",
+                f"parameter {mine['name']!r}: worker {worker} has dtype {mine['dtype']} shape "
+                f"{mine['shape']} (group {mine['group']}) but worker 0 registered dtype "
+                f"{ref['dtype']} shape {ref['shape']} (group {ref['group']})",
+            )
+
+    def check_tensors(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        what: str,
+        metas: list[dict[str, Any]] | None = None,
+        require_all: bool = False,
+    ) -> None:
+        """Every tensor must name one of the pieces with its dtype and size."""
+        expected = {_key(m): m for m in (self.metas if metas is None else metas)}
+        for key, tensor in tensors.items():
+            meta = expected.get(key)
+            if meta is None:
+                raise WireError("shape", f"{what} {key!r} is not a piece of server {self.rank}")
+            if tensor.dtype != DTYPES[meta["dtype"]]:
+                raise WireError(
+                    "dtype", f"{what} {key!r} is {tensor.dtype}, expected {meta['dtype']}"
+                )
+            if tensor.numel() != meta["stop"] - meta["start"]:
+                raise WireError(
+                    "shape",
+                    f"{what} {key!r} has {tensor.numel()} elements, "
+                    f"expected {meta['stop'] - meta['start']}",
+                )
+        missing = [k for k in expected if k not in tensors] if require_all else []
+        if missing:
+            raise WireError("shape", f"missing {what} for {missing[:5]}")
+
+    def apply_grads(self, grads: Mapping[str, torch.Tensor]) -> None:
+        """One optimizer step; pieces without a gradient are skipped (grad None)."""
+        if self.optimizer is not None:
+            for key, value in self.values.items():
+                grad = grads.get(key)
+                value.grad = None if grad is None else grad.reshape(-1).to(value.dtype)
+            self.optimizer.step()
+            for value in self.values.values():
+                value.grad = None
+        self.version += 1
+
+    def apply_deltas(self, deltas: Mapping[str, torch.Tensor]) -> None:
+        """Add each worker's parameter change to the shard."""
+        for key, delta in deltas.items():
+            self.values[key].add_(delta.reshape(-1))
+        self.version += 1
+
+    def set_hyperparameters(self, settings: Any) -> None:
+        """Follow a worker's changed optimizer settings (e.g. an LR schedule)."""
+        if self.optimizer is None or settings is None:
+            return
+        spec = _spec({"name": type(self.optimizer).__name__, "groups": settings})
+        for index, group in self._groups.items():
+            if index < len(spec.groups):
+                group.update(plain_settings(spec.groups[index]))
+
+    def snapshot(self, copy: bool) -> dict[str, torch.Tensor]:
+        """The current pieces (copies when they may change while a reply is in flight)."""
+        if copy:
+            return {k: v.clone() for k, v in self.values.items()}
+        return dict(self.values)
+
+
+def _spec(data: Any) -> OptimizerSpec:
+    try:
+        return OptimizerSpec.from_json(data)
+    except (TypeError, ValueError) as exc:
+        raise WireError("optimizer", str(exc)) from None

@@ -1,0 +1,243 @@
+"""The gradient reducer behind ``AllReduce``: buckets launched from autograd hooks, two engines.
+
+Each trainable parameter gets a post-accumulate-grad hook. When every parameter of a bucket
+has its gradient, the bucket is launched (buckets strictly in plan order, so every worker
+issues the same collectives in the same order); at the end of backward the buckets still
+waiting (parameters this worker did not use) are launched too and all are awaited, so
+``.grad`` is final when ``backward()`` returns (grad clipping works, as with DDP). A step with
+no backward on this worker is finished by ``optimizer.step()``.
+
+Engines reduce one bucket's flat buffer (layout in ``concord.algorithms.buckets``):
+``TorchEngine`` with ``torch.distributed.all_reduce`` (gloo/nccl, asynchronous), and
+``RingEngine`` with concord's ring over shared memory, run by one background thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from concord.algorithms.buckets import Bucket, BucketPlan
+from concord.algorithms.codecs import CastCodec
+from concord.algorithms.ring import ring_allreduce
+from concord.comm.shm import ShmRing
+from concord.errors import PeerTimeoutError, UsageError
+
+Fill = Callable[[torch.Tensor], None]
+Unpack = Callable[[torch.Tensor, bool], None]
+
+
+class TorchEngine:
+    """Buckets reduced by ``torch.distributed.all_reduce`` (asynchronous work handles)."""
+
+    name = "torch"
+
+    def __init__(self, plan: BucketPlan, dtypes: Sequence[torch.dtype], device: torch.device,
+                 codec: CastCodec | None, world: int, timeout: float) -> None:  # fmt: skip
+        self.world, self.timeout, self.codec = world, timeout, codec
+        self.flat = [torch.empty(b.numel, dtype=dt, device=device) for b, dt in zip(plan.buckets, dtypes)]  # fmt: skip
+        self.wire = [f if codec is None else f.to(codec.wire_for(f.dtype)) for f in self.flat]
+
+    def start(self, bucket: Bucket, fill: Fill, unpack: Unpack) -> Callable[[], None]:
+        flat, wire = self.flat[bucket.index], self.wire[bucket.index]
+        fill(flat)
+        if wire is not flat:
+            flat[: bucket.grad_numel].div_(self.world)
+            wire.copy_(flat)
+        work = dist.all_reduce(wire, async_op=True)
+
+        def wait() -> None:
+            try:
+                work.wait(timedelta(seconds=self.timeout))
+            except RuntimeError as exc:
+                raise PeerTimeoutError(
+                    f"allreduce of bucket {bucket.index} ({bucket.numel} elements) did not "
+                    f"complete within {self.timeout:g}s: a worker is missing or failed ({exc})"
+                ) from None
+            if wire is not flat:
+                flat.copy_(wire)
+            unpack(flat, wire is not flat)
+
+        return wait
+
+    def close(self) -> None:
+        pass
+
+
+class RingEngine:
+    """Buckets reduced by concord's ring over shared memory, on one background thread."""
+
+    name = "ring"
+
+    def __init__(self, plan: BucketPlan, dtypes: Sequence[torch.dtype], ring: ShmRing,
+                 codec: CastCodec | None, world: int, chunk_bytes: int) -> None:  # fmt: skip
+        self.ring, self.world, self.codec = ring, world, codec
+        self.regions, self.acc, self.chunks = [], [], []
+        offset = 0
+        for bucket, dtype in zip(plan.buckets, dtypes):
+            wire_dtype = dtype if codec is None else codec.wire_for(dtype)
+            self.regions.append(ring.region(offset, bucket.numel, wire_dtype))
+            size = torch.empty((), dtype=wire_dtype).element_size()
+            offset += -(-bucket.numel * size // 64) * 64
+            self.acc.append(None if wire_dtype == dtype else torch.empty(bucket.numel, dtype=dtype))
+            self.chunks.append(max(1, chunk_bytes // size))
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="concord-ring", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def wire_bytes(plan: BucketPlan, dtypes: Sequence[torch.dtype], codec: CastCodec | None) -> int:
+        total = 0
+        for bucket, dtype in zip(plan.buckets, dtypes):
+            wire_dtype = dtype if codec is None else codec.wire_for(dtype)
+            total += -(-bucket.numel * torch.empty((), dtype=wire_dtype).element_size() // 64) * 64
+        return max(total, 64)
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, future = job
+            try:
+                fn()
+                future.set_result(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                future.set_exception(exc)
+
+    def _reduce(self, bucket: Bucket, fill: Fill, unpack: Unpack) -> None:
+        region, acc = self.regions[bucket.index], self.acc[bucket.index]
+        mine = region.claim(0, bucket.numel)
+        if acc is None:
+            fill(mine)
+            ring_allreduce(region, mine, self.chunks[bucket.index])
+            unpack(mine, False)
+        else:
+            fill(acc)
+            acc[: bucket.grad_numel].div_(self.world)
+            ring_allreduce(region, acc, self.chunks[bucket.index])
+            unpack(acc, True)
+
+    def start(self, bucket: Bucket, fill: Fill, unpack: Unpack) -> Callable[[], None]:
+        future: Future = Future()
+        self._jobs.put((lambda: self._reduce(bucket, fill, unpack), future))
+        return lambda: future.result(timeout=self.ring.timeout * 2 + 5)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=5)
+        self.ring.close()
+
+
+class Reducer:
+    """Hooks on ``params`` that launch bucket reductions; ``finish()`` ends a step's sync."""
+
+    def __init__(self, params: Sequence[nn.Parameter], plan: BucketPlan, engine, world: int) -> None:  # fmt: skip
+        self.params, self.plan, self.engine, self.world = list(params), plan, engine, world
+        self.enabled = True  # False inside no_sync()
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)
+        ]
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pending = [len(b.slots) for b in self.plan.buckets]
+        self._seen = bytearray(len(self.params))
+        self._waits: list[Callable[[], None] | None] = [None] * len(self.plan.buckets)
+        self._next = 0
+        self._callback_queued = False
+
+    def _hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        def hook(_param: torch.Tensor) -> None:
+            if self.enabled:
+                self._ready(index)
+
+        return hook
+
+    def _ready(self, index: int) -> None:
+        bucket = self.plan.bucket_of[index]
+        if self._waits[bucket] is not None:
+            raise UsageError(
+                f"parameter {index} got a gradient after its bucket {bucket} was already "
+                "reduced in this step: backward() ran twice before optimizer.step(); wrap all "
+                "but the last backward of an accumulation in `with model.no_sync():`"
+            )
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+        if not self._seen[index]:
+            self._seen[index] = 1
+            self._pending[bucket] -= 1
+            while self._next < len(self._pending) and self._pending[self._next] == 0:
+                self._launch(self._next)
+
+    def _launch(self, index: int) -> None:
+        bucket = self.plan.buckets[index]
+        self._waits[index] = self.engine.start(bucket, self._filler(bucket), self._unpacker(bucket))
+        self._next = index + 1
+
+    def finish(self) -> None:
+        """Launch the buckets still waiting, wait for all, leave the global grads in place."""
+        while self._next < len(self.plan.buckets):
+            self._launch(self._next)
+        try:
+            for wait in self._waits:
+                wait()
+        finally:
+            self._reset()
+
+    def _filler(self, bucket: Bucket) -> Fill:
+        def fill(out: torch.Tensor) -> None:
+            flags = []
+            for slot in bucket.slots:
+                grad = self.params[slot.param].grad
+                view = out[slot.offset : slot.offset + slot.numel]
+                if grad is None:
+                    view.zero_()
+                    flags.append(0.0)
+                elif grad.is_sparse:
+                    raise UsageError("AllReduce does not support sparse gradients")
+                else:
+                    view.copy_(grad.reshape(-1))
+                    flags.append(1.0)
+            out[bucket.grad_numel :].copy_(torch.tensor(flags, dtype=out.dtype))
+
+        return fill
+
+    def _unpacker(self, bucket: Bucket) -> Unpack:
+        def unpack(flat: torch.Tensor, divided: bool) -> None:
+            present = flat[bucket.grad_numel :].tolist()
+            for slot, count in zip(bucket.slots, present):
+                if count <= 0:
+                    continue  # no worker had a gradient: grad stays None, as in one process
+                param = self.params[slot.param]
+                view = flat[slot.offset : slot.offset + slot.numel].view(param.shape)
+                if param.grad is None:
+                    param.grad = view.clone() if divided else view / self.world
+                elif divided:
+                    param.grad.copy_(view)
+                else:
+                    torch.div(view, self.world, out=param.grad)
+
+        return unpack
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self.engine.close()
+
+
+def check_engine_device(engine: str, device: torch.device) -> None:
+    """The ring engine works on host memory only."""
+    if engine == "ring" and device.type != "cpu":
+        raise UsageError(
+            f'AllReduce(engine="ring") reduces host memory, but this worker uses {device}; '
+            'use engine="torch" (nccl) on GPUs, or engine="auto"'
+        )

