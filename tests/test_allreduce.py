@@ -155,12 +155,9 @@ def _ring_vs_torch(ctx) -> list[str]:
             x = (torch.arange(numel) % 17).to(dtype) * (ctx.rank + 1)
             want = x.clone()
             dist.all_reduce(want)
-            region = ring.region(0, numel, dtype)
-            mine = region.claim(0, numel)
-            mine.copy_(x)
-            ring_allreduce(region, mine, 3)
-            if not torch.equal(mine, want):
-                bad.append(f"{dtype} n={numel}: {mine.tolist()} != {want.tolist()}")
+            got = ring_allreduce(ring.region(0, numel, dtype), x, 3)
+            if not torch.equal(got, want):
+                bad.append(f"{dtype} n={numel}: {got.tolist()} != {want.tolist()}")
     ring.close()
     return bad
 

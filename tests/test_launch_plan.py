@@ -132,3 +132,16 @@ def test_bad_configs_are_usage_errors_with_the_value(kwargs, message):
 def test_plan_rejects_an_unresolved_port():
     with pytest.raises(ValueError, match="actual TCP port"):
         plan(LaunchConfig(program=("t.py",)), 0, SECRET)
+
+
+def test_output_prefixer_keeps_lines_whole_and_progress_bars_live():
+    from concord.launch.output import _Prefixer
+
+    p = _Prefixer(b"[worker 1] ")
+    assert p.feed(b"hello\nwor") == b"[worker 1] hello\n"  # "wor" waits for its line ending
+    assert p.feed(b"ld\n\n") == b"[worker 1] world\n[worker 1] \n"
+    assert p.feed(b" 10%\r 20%\r") == b"[worker 1]  10%\r[worker 1]  20%\r"  # redraws keep it
+    assert p.feed(b"done\r") == b"[worker 1] done\r"
+    assert p.feed(b"\nnext") == b"\n"  # "\r\n" split across two reads is one line ending
+    assert p.close() == b"[worker 1] next\n"  # an unfinished last line is ended
+    assert p.close() == b""

@@ -48,29 +48,31 @@ def _optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + step)
-    return torch.randn(GLOBAL_BATCH, 6, generator=gen), torch.randint(0, 3, (GLOBAL_BATCH,), generator=gen)
+    return torch.randn(GLOBAL_BATCH, 6, generator=gen), torch.randint(
+        0, 3, (GLOBAL_BATCH,), generator=gen
+    )
 
 
 def _train(model, opt, rank, world, steps=STEPS, workers=None, after_step=None) -> None:
-    """Each worker takes its slice of the global batch; ``workers`` lists the shards counted."""
+    """Worker ``rank`` trains on its slice of each global batch. With ``workers`` (one
+    process standing in for them) the loss is the mean of those workers' slice losses."""
     for step in range(steps):
         x, y = _batch(step)
-        if workers is not None:  # reference run over only the listed workers' slices
-            idx = torch.cat([torch.arange(w, GLOBAL_BATCH, world) for w in workers])
-        else:
-            idx = torch.arange(rank, GLOBAL_BATCH, world)
+        slices = [torch.arange(w, GLOBAL_BATCH, world) for w in (workers or [rank])]
         opt.zero_grad()
-        F.cross_entropy(model(x[idx], step % 3 == 0), y[idx]).backward()
+        losses = [F.cross_entropy(model(x[i], step % 3 == 0), y[i]) for i in slices]
+        (sum(losses) / len(losses)).backward()
         opt.step()
         if after_step is not None:
             after_step(step)
 
 
-def _reference(opt_name: str, steps: int = STEPS, world: int = 1, workers=None) -> list:
+def _reference(opt_name: str, world: int = 1, workers=None) -> list:
+    """One process: the whole global batch, or the listed workers' slices of it."""
     torch.manual_seed(0)
     model = BranchNet()
     opt = _optimizer(opt_name, model)
-    _train(model, opt, 0, world, steps, workers=workers if workers else list(range(world)))
+    _train(model, opt, 0, world, workers=workers)
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -144,3 +146,145 @@ def test_backup_worker_drops_exactly_the_late_gradients():
     for params, _ in job.results:
         for got, want in zip(params, reference):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# -- async ----------------------------------------------------------------------------------
+def _mnist_worker(strategy_kwargs: dict) -> float | None:
+    import concord
+
+    ctx = concord.init(timeout=60)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+        nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10),
+    )  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model, opt = concord.distribute(model, opt, concord.ParameterServer(**strategy_kwargs))
+    for x, y in concord.data.loader(concord.data.mnist("train"), batch_size=64):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    opt.synchronize()  # the servers' latest parameters
+    accuracy = None
+    if ctx.rank == 0:
+        test = concord.data.mnist("test")
+        with torch.no_grad():
+            accuracy = (model(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean().item()
+    opt.close()
+    return accuracy
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("push", "servers"), [("grad", 2), ("delta", 1)])
+def test_async_ps_trains_mnist_mlp(push, servers):
+    job = run_ps_job(
+        _mnist_worker, 2, servers, args=({"mode": "async", "push": push},), timeout=200
+    )
+    assert job.results[0] >= 0.95
+
+
+def _async_worker(strategy_kwargs: dict, steps: int, delay: float = 0.0, die_after=None):
+    import concord
+
+    ctx = concord.init(timeout=60)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model, opt = concord.distribute(model, opt, concord.ParameterServer(**strategy_kwargs))
+    for step in range(steps):
+        if step == die_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(delay)
+        x, y = _batch(step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    stats = opt.server_stats()
+    opt.close()
+    return ctx.rank, stats
+
+
+@pytest.mark.timeout(120)
+def test_slowed_worker_never_lets_others_exceed_max_staleness():
+    kwargs = {"mode": "async", "max_staleness": 1}
+    job = run_ps_job(_async_worker, 3, 1, rank_args=lambda r: (kwargs, 15, 0.05 if r == 2 else 0.0))
+    stats = max((s[0] for _, s in job.results), key=lambda s: s["pushes"])
+    assert stats["pushes"] == 45
+    assert stats["max_lead"] <= 1  # the server's record of how far any worker ran ahead
+    assert stats["lead"].get("1", 0) > 0 and stats["gate_waits"] > 0  # the bound was hit
+
+
+@pytest.mark.timeout(120)
+def test_killed_async_worker_does_not_stop_the_others():
+    kwargs = {"mode": "async", "max_staleness": 2}  # the gate must let go of the dead worker
+    job = run_ps_job(
+        _async_worker,
+        3,
+        2,
+        args=(kwargs, 30),
+        ranks=[0, 1],
+        victims={2: (kwargs, 30, 0.0, 3)},
+        server_timeout=3.0,
+    )
+    for _, stats in job.results:  # both servers: 30 steps of 2 survivors + 3 of the victim
+        assert [(s["lost"], s["applied"]) for s in stats] == [([2], 63), ([2], 63)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("min_workers", [None, 1])
+def test_lost_sync_worker_ends_the_job_or_survivors_go_on(min_workers):
+    kwargs = {"mode": "sync", "min_workers": min_workers}
+
+    job = run_ps_job(
+        _sync_survivor, 2, 1, args=(kwargs,), ranks=[0], victims={1: (kwargs,)},
+        server_timeout=3.0,
+    )  # fmt: skip
+    outcome = job.results[0]
+    if min_workers is None:
+        assert "worker(s) [1] sent no gradient to server 0 within 3s" in outcome
+        assert job.server_codes == [1]
+    else:
+        assert outcome == "finished"
+        assert "goes on with workers [0]; lost [1]" in job.server_logs[0]
+
+
+def _sync_survivor(strategy_kwargs: dict) -> str:
+    import concord
+
+    ctx = concord.init(timeout=60)
+    model = BranchNet()
+    opt = _optimizer("sgd", model)
+    model, opt = concord.distribute(model, opt, concord.ParameterServer(**strategy_kwargs))
+    if ctx.rank == 1:
+        _train(model, opt, 1, 2, steps=2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        _train(model, opt, 0, 2)
+    except concord.PeerTimeoutError as exc:
+        return str(exc)
+    opt.close()
+    return "finished"
+
+
+def _mismatched_worker() -> str:
+    import concord
+
+    ctx = concord.init(timeout=60)
+    model = BranchNet()
+    if ctx.rank == 1:
+        model.fc2 = nn.Linear(16, 4)
+    opt = _optimizer("sgd", model)
+    try:
+        model, opt = concord.distribute(model, opt, concord.ParameterServer())
+    except concord.ConcordError as exc:
+        return str(exc)
+    opt.close()
+    return "registered"
+
+
+@pytest.mark.timeout(120)
+def test_registration_mismatch_names_the_parameter():
+    job = run_ps_job(_mismatched_worker, 2, 1, grace=3)
+    assert job.results[0] == "registered"
+    assert "parameter 'fc2.weight': worker 1 has dtype float32 shape [4, 16]" in job.results[1]
+    assert "worker 0 registered dtype float32 shape [3, 16]" in job.results[1]

@@ -12,15 +12,16 @@ The transport is a tiny :class:`Communicator` over a *wire buffer* that the left
 can read (shared memory, or a copy in an in-memory fake):
 
 - ``claim(a, b)``: wait until the right neighbour has finished reading my wire ``[a, b)``
-  from its last post, and return it (writable);
+  from its last post, and return it (writable); an allreduce first claims its whole region;
 - ``post(a, b)``: my wire ``[a, b)`` is ready for the right neighbour;
 - ``peek(a, b)``: wait for the left neighbour's next post (it is ``[a, b)``) and return it;
 - ``release(a, b)``: I am done reading the left neighbour's ``[a, b)``.
 
 Pieces are posted and peeked in the same order on every worker, so a transport needs only a
-counter per direction. When the accumulator *is* the wire (same memory), the reduce is
-zero-copy; otherwise (compression) the wire holds a lower-precision copy, sums are kept in
-the accumulator's precision, and the result is the wire's values, identical on all workers.
+counter per direction. The input stays in the caller's accumulator: a hop writes
+``acc + left`` straight into the wire (no copy of the input first), in ``acc``'s precision,
+rounded once if the wire is narrower (compression). The result is the wire's values,
+identical on all workers; the caller reads it from there (e.g. into ``.grad``).
 """
 
 from __future__ import annotations
@@ -65,16 +66,18 @@ def pieces(start: int, stop: int, chunk: int) -> list[tuple[int, int]]:
     return [(a, min(a + chunk, stop)) for a in range(start, stop, chunk)]
 
 
-def ring_allreduce(comm: Communicator, acc: torch.Tensor, chunk: int) -> None:
-    """Sum the 1-D tensor ``acc`` across the ring, in place, with the schedule above.
+def ring_allreduce(comm: Communicator, acc: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Sum the 1-D tensor ``acc`` across the ring; return the wire, which holds the sum.
 
-    ``acc`` is either ``comm.claim(0, n)`` itself (zero-copy; the caller has written its
-    values there) or a separate accumulator (then the wire may have another dtype).
+    ``acc`` is read, never written (unless it *is* ``comm.claim(0, n)``: zero-copy, the
+    caller wrote its values into the wire). The wire's dtype may be lower than ``acc``'s
+    (compression): each hop adds in ``acc``'s precision and rounds once for the wire. The
+    returned tensor is valid until the next ``claim`` of this region.
     """
     n, world, rank = acc.numel(), comm.world, comm.rank
     if world == 1 or n == 0:
-        return
-    wire = comm.claim(0, n)
+        return acc
+    wire = comm.claim(0, n)  # first, for the whole region: the transport may rely on it
     zero_copy = wire.data_ptr() == acc.data_ptr() and wire.dtype == acc.dtype
     segs = segments(n, world)
 
@@ -88,12 +91,7 @@ def ring_allreduce(comm: Communicator, acc: torch.Tensor, chunk: int) -> None:
     for step in range(world - 1):
         for a, b in seg_pieces(rank - step - 1):
             mine = comm.claim(a, b)
-            left = comm.peek(a, b)
-            if zero_copy:
-                mine.add_(left)
-            else:
-                acc[a:b].add_(left)
-                mine.copy_(acc[a:b])
+            torch.add(acc[a:b], comm.peek(a, b), out=mine)
             comm.release(a, b)
             comm.post(a, b)  # pipelined: forward each piece as soon as it is summed
     for step in range(world - 1):  # all-gather: pass the finished segments on
@@ -102,5 +100,4 @@ def ring_allreduce(comm: Communicator, acc: torch.Tensor, chunk: int) -> None:
             comm.release(a, b)
             if step < world - 2:
                 comm.post(a, b)
-    if not zero_copy:
-        acc.copy_(wire)
+    return wire

@@ -218,12 +218,21 @@ class ShmRing:
                     f"while this worker waited for it to {what} (did it exit or crash?)"
                 )
 
-    def claim_bytes(self, start: int, stop: int) -> None:
-        """Wait until the right neighbour has read my last post of any piece in [start, stop)."""
-        need = max(
-            (i for (a, b), i in self._post_index.items() if a < stop and start < b), default=0
-        )
+    def claim_bytes(self, start: int, stop: int, whole: bool) -> None:
+        """Wait until the right neighbour has read my last post of [start, stop).
+
+        ``whole``: a region's first claim in an allreduce; it looks at every record that
+        overlaps (and then drops them); later claims of its pieces look up exact ranges.
+        """
+        if whole:
+            overlap = [k for k in self._post_index if k[0] < stop and start < k[1]]
+            need = max((self._post_index[k] for k in overlap), default=0)
+        else:
+            need = self._post_index.get((start, stop), 0)
         self._wait(self.right, _CONSUMED, need, "finish reading this worker's previous data")
+        if whole:
+            for key in overlap:
+                del self._post_index[key]
 
     def post_bytes(self, start: int, stop: int) -> None:
         self.n_posted += 1
@@ -239,11 +248,6 @@ class ShmRing:
         self.n_released += 1
         self.counters[_CONSUMED] = self.n_released
         self.left.wake()
-
-    def forget(self, start: int, stop: int) -> None:
-        """Drop post records overlapping [start, stop) once it is claimed (all were read)."""
-        for key in [k for k in self._post_index if k[0] < stop and start < k[1]]:
-            del self._post_index[key]
 
     def region(self, offset: int, numel: int, dtype: torch.dtype) -> ShmRegion:
         """A Communicator over ``numel`` elements of ``dtype`` at byte ``offset`` of the wire."""
@@ -276,10 +280,8 @@ class ShmRegion:
         return self.offset + start * self.size, self.offset + stop * self.size
 
     def claim(self, start: int, stop: int) -> torch.Tensor:
-        a, b = self._bytes(start, stop)
-        self.ring.claim_bytes(a, b)
-        if start == 0 and stop == self.mine.numel():
-            self.ring.forget(a, b)
+        whole = start == 0 and stop == self.mine.numel()
+        self.ring.claim_bytes(*self._bytes(start, stop), whole)
         return self.mine[start:stop]
 
     def post(self, start: int, stop: int) -> None:

@@ -103,8 +103,12 @@ class Nodes:
 
     def mark(self, attempt: int, what: str) -> None:
         """Record this node's state (``done`` or ``stopped``) for ``attempt``."""
-        if self.store is not None:
+        if self.store is None:
+            return
+        try:
             self.store.set(self._key(attempt, f"{what}/{self.node_rank}"), "1")
+        except (RuntimeError, OSError):
+            pass  # node 0 is gone; its launcher reported the job's end already
 
     def missing(self, attempt: int, what: str) -> list[int]:
         """Nodes that have not marked ``what`` for ``attempt``."""

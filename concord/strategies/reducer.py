@@ -86,7 +86,7 @@ class RingEngine:
             self.regions.append(ring.region(offset, bucket.numel, wire_dtype))
             size = torch.empty((), dtype=wire_dtype).element_size()
             offset += -(-bucket.numel * size // 64) * 64
-            self.acc.append(None if wire_dtype == dtype else torch.empty(bucket.numel, dtype=dtype))
+            self.acc.append(torch.empty(bucket.numel, dtype=dtype))
             self.chunks.append(max(1, chunk_bytes // size))
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="concord-ring", daemon=True)
@@ -113,17 +113,12 @@ class RingEngine:
                 future.set_exception(exc)
 
     def _reduce(self, bucket: Bucket, fill: Fill, unpack: Unpack) -> None:
-        region, acc = self.regions[bucket.index], self.acc[bucket.index]
-        mine = region.claim(0, bucket.numel)
-        if acc is None:
-            fill(mine)
-            ring_allreduce(region, mine, self.chunks[bucket.index])
-            unpack(mine, False)
-        else:
-            fill(acc)
+        acc = self.acc[bucket.index]
+        fill(acc)
+        if self.codec is not None:
             acc[: bucket.grad_numel].div_(self.world)
-            ring_allreduce(region, acc, self.chunks[bucket.index])
-            unpack(acc, True)
+        result = ring_allreduce(self.regions[bucket.index], acc, self.chunks[bucket.index])
+        unpack(result, self.codec is not None)
 
     def start(self, bucket: Bucket, fill: Fill, unpack: Unpack) -> Callable[[], None]:
         future: Future = Future()
@@ -220,7 +215,8 @@ class Reducer:
                 param = self.params[slot.param]
                 view = flat[slot.offset : slot.offset + slot.numel].view(param.shape)
                 if param.grad is None:
-                    param.grad = view.clone() if divided else view / self.world
+                    grad = view.to(param.dtype, copy=True)
+                    param.grad = grad if divided else grad.div_(self.world)
                 elif divided:
                     param.grad.copy_(view)
                 else:

@@ -1,0 +1,150 @@
+"""Allreduce bus bandwidth: concord's shared-memory ring vs torch.distributed (gloo).
+
+    flock /tmp/concord-bench.lock .venv/bin/python benchmarks/allreduce_bandwidth.py [--quick]
+
+For N = 2 and 4 worker processes on this host and float32 tensors of 1, 16 and 64 MB, each
+engine sums the tensor across workers in place. Time per repeat is the slowest worker's
+(all workers start together after a barrier); the table shows medians over the repeats.
+Bus bandwidth = bytes * 2(N-1)/N / time, the data each worker must send in a bandwidth-
+optimal allreduce. Both leave the sum in the user's tensor: the ring's time includes
+copying the result out of its shared-memory wire; gloo reduces in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import queue
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from concord.comm.rendezvous import free_port, new_secret  # noqa: E402
+
+MB = 2**20
+
+
+def _child(fn: Callable, rank: int, env: dict, args: tuple, results: Any) -> None:
+    os.environ.update(env)
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        results.put((rank, "ok", fn(*args)))
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent
+        results.put((rank, "error", repr(exc)))
+    finally:
+        import concord
+
+        concord.shutdown()
+
+
+def spawn(fn: Callable, world: int, args: tuple, timeout: float = 600) -> list[Any]:
+    """Run ``fn(*args)`` in ``world`` worker processes on 127.0.0.1; results by rank."""
+    ctx = mp.get_context("spawn")
+    base = {"WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "CONCORD_SERVERS": "0",
+            "MASTER_PORT": str(free_port()), "CONCORD_SECRET": new_secret()}  # fmt: skip
+    results = ctx.Queue()
+    procs = []
+    for rank in range(world):
+        env = base | {"RANK": str(rank), "LOCAL_RANK": str(rank), "CONCORD_ROLE": "worker"}
+        procs.append(ctx.Process(target=_child, args=(fn, rank, env, args, results)))
+        procs[-1].start()
+    out = {}
+    try:
+        while len(out) < world:
+            try:
+                rank, status, value = results.get(timeout=timeout)
+            except queue.Empty:
+                raise RuntimeError(f"workers {sorted(set(range(world)) - set(out))} hung") from None
+            if status == "error":
+                raise RuntimeError(f"worker {rank} failed: {value}")
+            out[rank] = value
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    return [out[r] for r in range(world)]
+
+
+def timed(fn: Callable[[], None], repeats: int, warmup: int = 2) -> list[float]:
+    """Seconds per call, the slowest worker's, for ``repeats`` calls after ``warmup``."""
+    import torch
+    import torch.distributed as dist
+
+    times = []
+    for i in range(warmup + repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        took = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        dist.all_reduce(took, op=dist.ReduceOp.MAX)
+        if i >= warmup:
+            times.append(float(took))
+    return times
+
+
+def _bench(sizes_mb: list[int], repeats: int, chunk_kb: int) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    import concord
+    from concord.algorithms.ring import ring_allreduce
+    from concord.comm.shm import ShmRing
+
+    ctx = concord.init(timeout=120)
+    ring = ShmRing(ctx.rank, ctx.world_size, ctx.store, "bench/ring/", max(sizes_mb) * MB,
+                   ctx.timeout, ctx.secret)  # fmt: skip
+    out = {}
+    for size in sizes_mb:
+        numel = size * MB // 4
+        x = torch.full((numel,), float(ctx.rank + 1))
+        region = ring.region(0, numel, torch.float32)
+
+        def ring_op() -> None:
+            x.copy_(ring_allreduce(region, x, chunk_kb * 1024 // 4))
+
+        gloo = timed(lambda: dist.all_reduce(x), repeats)
+        mine = timed(ring_op, repeats)
+        gloo += timed(lambda: dist.all_reduce(x), repeats)  # interleaved: same noise for both
+        mine += timed(ring_op, repeats)
+        out[size] = {"gloo": statistics.median(gloo), "ring": statistics.median(mine)}
+    ring.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (5 in all)")
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--sizes-mb", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--chunk-kb", type=int, default=256)
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else 5  # per half: the median is over 2 * repeats
+    rows = []
+    for world in args.worlds:
+        res = spawn(_bench, world, (args.sizes_mb, repeats, args.chunk_kb))[0]
+        for size in args.sizes_mb:
+            factor = size * MB * 2 * (world - 1) / world / 1e9
+            gloo, ring = res[size]["gloo"], res[size]["ring"]
+            rows.append({"world": world, "mb": size, "gloo_gbps": factor / gloo,
+                         "ring_gbps": factor / ring, "speedup": gloo / ring})  # fmt: skip
+    print(f"{'N':>3} {'MB':>4} {'gloo GB/s':>10} {'ring GB/s':>10} {'ring/gloo':>10}")
+    for r in rows:
+        print(f"{r['world']:>3} {r['mb']:>4} {r['gloo_gbps']:>10.2f} {r['ring_gbps']:>10.2f} "
+              f"{r['speedup']:>9.2f}x")  # fmt: skip
+    print(json.dumps({"benchmark": "allreduce_bandwidth", "repeats": 2 * repeats, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
