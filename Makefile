@@ -25,7 +25,7 @@ install: $(STAMP)
 install-dev: $(DEV_STAMP)
 
 demo: $(STAMP)
-	$(BIN)/concord train --workers 4 --strategy allreduce --model mlp --epochs 3
+	$(BIN)/concord train --workers 4 --strategy allreduce --model mlp --epochs 5 --min-accuracy 0.97
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check concord tests benchmarks examples

@@ -158,6 +158,7 @@ def plot_metrics(history: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -165,6 +166,8 @@ def plot_metrics(history: list[dict], path: Path) -> None:
     left.set(xlabel="epoch", ylabel="training loss", title="loss")
     right.plot(epochs, [h["test_accuracy"] for h in history], marker="o", color="tab:green")
     right.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
