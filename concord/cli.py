@@ -17,6 +17,7 @@ COMMANDS = {
     "run": "concord.launch.command",
     "train": "concord.jobs.train",
     "data": "concord.data.command",
+    "bench": "concord.jobs.bench",
 }
 
 
