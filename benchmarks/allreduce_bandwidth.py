@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (5 in all)")
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--chunk-kb", type=int, default=256)
+    parser.add_argument("--chunk-kb", type=int, default=1024)
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else 5  # per half: the median is over 2 * repeats
     rows = []

@@ -180,3 +180,35 @@ def test_data_server_role_serves_a_job(tmp_path):
         parts = [r[epoch] for r in results]
         assert sorted(i for p in parts for i in p) == list(range(N))
     assert [r[0] for r in results] != [r[1] for r in results]
+
+
+def test_central_delivers_the_same_batches_as_local(server):
+    from torch.utils.data import TensorDataset
+
+    from concord.data.loader import loader
+
+    srv, secret = server
+    for rank in range(3):
+        local = loader(TensorDataset(*synthetic(N)), 4, rank=rank, world=3, seed=4)
+        local.sampler.set_epoch(2)
+        c = DataClient(srv.address, secret, timeout=30)
+        central = CentralLoader(c, rank=rank, world=3, batch_size=4, seed=4)
+        central.set_epoch(2)
+        pairs = list(zip(local, central, strict=True))
+        assert len(pairs) == len(central) == 2  # 23 samples over 3 workers: 8, 8, 7 -> 2 batches
+        for (lx, ly), (cx, cy) in pairs:
+            assert torch.equal(lx, cx) and torch.equal(ly, cy)
+        c.close()
+
+
+def test_missing_server_is_a_clear_error():
+    import torch.distributed as dist
+
+    from concord.data.central import wait_for_key
+    from concord.data.sources import make_loader
+    from concord.errors import PeerTimeoutError, UsageError
+
+    with pytest.raises(UsageError, match=r"call concord.init\(\)"):
+        make_loader("central", rank=0, world=1, batch_size=4, seed=0)
+    with pytest.raises(PeerTimeoutError, match="data server 0 did not publish its address"):
+        wait_for_key(dist.HashStore(), "concord/0/data/0/addr", "data server 0", timeout=0.2)

@@ -8,6 +8,7 @@ from multiproc import run_workers
 
 from concord.algorithms.assign import owned_ids
 from concord.data.p2p import P2PLoader, epoch_permutation
+from concord.errors import UsageError
 
 N, SEED, EPOCHS = 23, 5, 3
 
@@ -73,3 +74,9 @@ def test_single_process_needs_no_network():
     ids = [int(v) for _, b in loader for v in b]
     assert ids == epoch_permutation(7, 1, 2).tolist()
     assert loader.exchange_bytes == 0 and len(loader) == 3
+
+
+def test_needs_a_process_group_for_more_than_one_worker():
+    x, y = synthetic(4)
+    with pytest.raises(UsageError, match="p2p data exchange needs torch.distributed"):
+        P2PLoader([x[:2], y[:2]], y[:2], 4, rank=0, world=2, batch_size=2)

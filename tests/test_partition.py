@@ -23,7 +23,12 @@ def test_balanced_split_minimizes_the_largest_stage():
     # by hand: [5 | 1 1 1 1 1 | 5] -> max 5 is optimal
     assert balanced_split([5, 1, 1, 1, 1, 1, 5], 3).starts == (0, 1, 6)
     # equal costs split evenly; 6 layers in 4 stages: two stages of two (later stages shorter)
-    assert balanced_split([1] * 6, 4).ranges() == [range(0, 2), range(2, 4), range(4, 5), range(5, 6)]
+    assert balanced_split([1] * 6, 4).ranges() == [
+        range(0, 2),
+        range(2, 4),
+        range(4, 5),
+        range(5, 6),
+    ]
     assert balanced_split([3, 3, 3], 1).starts == (0,)
     assert balanced_split([1, 2, 3], 3).starts == (0, 1, 2)
     # measured seconds: the slow layer gets a stage to itself

@@ -49,7 +49,14 @@ def test_world_size_must_be_stages_times_replicas():
 def test_rank_layout_and_data_shards():
     strategy = Pipeline(stages=3, replicas=2)
     places = [strategy.place(_ctx(r, 6)) for r in range(6)]
-    assert [(p.replica, p.stage) for p in places] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert [(p.replica, p.stage) for p in places] == [
+        (0, 0),
+        (0, 1),
+        (0, 2),
+        (1, 0),
+        (1, 1),
+        (1, 2),
+    ]
     assert [p.rank_of(2) for p in places] == [2, 2, 2, 5, 5, 5]  # the last stage of my replica
     assert [tuple(strategy.data_shard(_ctx(r, 6))) for r in range(6)] == [(0, 2)] * 3 + [(1, 2)] * 3
 

@@ -65,7 +65,12 @@ def test_uneven_stages_and_comm_time_stretch_the_makespan():
     # B1 [8.5,9.5]; stage 0: B0 needs grad at 8.5+0.5 -> [9,11], B1 at 10 -> [11,13]
     sim = S.simulate(plan, 2, forward_time=[1, 3], backward_time=[2, 1], comm_time=0.5)
     assert sim.makespan == 13
-    assert [(s.start, s.end) for s in sim.timeline[1]] == [(1.5, 4.5), (4.5, 7.5), (7.5, 8.5), (8.5, 9.5)]
+    assert [(s.start, s.end) for s in sim.timeline[1]] == [
+        (1.5, 4.5),
+        (4.5, 7.5),
+        (7.5, 8.5),
+        (8.5, 9.5),
+    ]
     assert sim.busy == [6, 8]
 
 

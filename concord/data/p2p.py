@@ -16,6 +16,7 @@ a fresh random slice of the whole dataset while holding only ``~N/world`` sample
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -126,7 +127,7 @@ class P2PLoader:
             self.exchange_bytes = 0
             return
         plan = send_plan(self.ids, inv, self.world)
-        send_counts = torch.tensor(plan.counts, dtype=torch.int64)
+        send_counts = torch.tensor(plan.counts, dtype=torch.int64, device=self._device())
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         ins, outs = plan.counts, recv_counts.tolist()
@@ -135,15 +136,23 @@ class P2PLoader:
         rows = receive_rows(got_ids, inv, self.world)
         check_complete(rows, want, self.rank)
         self._place(rows, got_ids, got, want)
-        row_bytes = 8 + sum(t[:1].numel() * t.element_size() for t in self.tensors)
+        row_bytes = 8 + sum(math.prod(t.shape[1:]) * t.element_size() for t in self.tensors)
         moved = sum(c for p, c in enumerate(ins) if p != self.rank)
         self.exchange_bytes = moved * row_bytes + 8 * (self.world - 1)
         self.bytes_sent += self.exchange_bytes
 
+    def _device(self) -> torch.device:
+        """Where the collective's tensors must live: the GPU for nccl, else the CPU."""
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     def _all_to_all(self, send: torch.Tensor, ins: list[int], outs: list[int]) -> torch.Tensor:
+        device = self._device()
+        send = send.to(device).contiguous()
         out = send.new_empty((sum(outs), *send.shape[1:]))
-        dist.all_to_all_single(out, send.contiguous(), outs, ins, group=self.group)
-        return out
+        dist.all_to_all_single(out, send, outs, ins, group=self.group)
+        return out.cpu()
 
     def _place(
         self, rows: torch.Tensor, ids: torch.Tensor, tensors: list[torch.Tensor], want: int

@@ -120,7 +120,11 @@ class DataServer:
         request: Request | None = self.channel.poll(timeout)
         if request is None:
             return False
-        reply = self.handle(request.msg)
+        try:
+            reply = self.handle(request.msg)
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the server
+            log.exception("data server: request %r failed", request.msg.op)
+            reply = error_message("internal", f"{type(exc).__name__}: {exc}")
         if reply.op == "error":
             self.errors += 1
             log.warning("data server: rejected %r: %s", request.msg.op, reply.meta["error"])

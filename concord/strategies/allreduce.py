@@ -58,7 +58,7 @@ class AllReduce(Strategy):
     engine: str = "auto"
     compression: str | None = None
     check_every: int | None = None
-    chunk_kb: int = 256
+    chunk_kb: int = 1024
 
     name = "allreduce"
 
@@ -227,7 +227,7 @@ class AllReduceOptimizer(DistributedOptimizer):
 
     def synchronize(self) -> None:
         if self.model.reducer is not None:
-            self.model.reducer.finish()
+            self.model.reducer.synchronize()
 
     def step(self, closure: Any = None) -> Any:
         out = super().step(closure)

@@ -78,6 +78,18 @@ DTYPES = [
 ]
 
 
+@dataclass
+class Incoming:
+    """A posted receive: ``buf`` fills when ``work`` completes."""
+
+    work: Any
+    buf: torch.Tensor
+    stage: int
+    kind: int
+    mb: int
+    header: bool
+
+
 class StageLink:
     """Point-to-point messages between the stages of one replica, each wait bounded."""
 
@@ -115,6 +127,41 @@ class StageLink:
             raise self._error(exc, what, stage) from None
         self.pending.append((work, what, stage, tensor))
 
+    def post(
+        self,
+        stage: int,
+        kind: int,
+        mb: int,
+        shape: Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Incoming:
+        """Post a receive from ``stage`` now (finish it with ``take``); without ``shape`` a
+        header announces shape and dtype. Posting early lets the message land while this
+        stage computes."""
+        if shape is None:
+            buf = torch.empty(2 + MAX_DIMS, dtype=torch.int64, device=self.device)
+        else:
+            buf = torch.empty(tuple(shape), dtype=dtype, device=self.device)
+        header = shape is None
+        try:
+            work = dist.irecv(buf, self.place.rank_of(stage), tag=self._tag(kind, mb, header))
+        except RuntimeError as exc:
+            raise self._error(exc, f"{KIND_NAMES[kind]} of micro-batch {mb}", stage) from None
+        return Incoming(work, buf, stage, kind, mb, header)
+
+    def take(self, incoming: Incoming) -> torch.Tensor:
+        """Wait for a posted receive; returns the tensor (after its header, if any)."""
+        what = f"{KIND_NAMES[incoming.kind]}{' header' if incoming.header else ''}"
+        try:
+            incoming.work.wait(timeout=timedelta(seconds=self.timeout))
+        except RuntimeError as exc:
+            raise self._error(exc, f"{what} of micro-batch {incoming.mb}", incoming.stage) from None
+        if not incoming.header:
+            return incoming.buf
+        head = incoming.buf.cpu()
+        shape = [int(d) for d in head[2 : 2 + int(head[1])]]
+        return self.recv(incoming.stage, incoming.kind, incoming.mb, shape, DTYPES[int(head[0])])
+
     def recv(
         self,
         stage: int,
@@ -123,25 +170,8 @@ class StageLink:
         shape: Sequence[int] | None = None,
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Receive from ``stage``; without ``shape`` a header announces shape and dtype."""
-        if shape is None:
-            head = self._irecv(torch.empty(2 + MAX_DIMS, dtype=torch.int64), stage, kind, mb, True)
-            dtype = DTYPES[int(head[0])]
-            shape = [int(d) for d in head[2 : 2 + int(head[1])]]
-        buf = torch.empty(tuple(shape), dtype=dtype, device=self.device)
-        return self._irecv(buf, stage, kind, mb, False)
-
-    def _irecv(
-        self, buf: torch.Tensor, stage: int, kind: int, mb: int, header: bool
-    ) -> torch.Tensor:
-        what = f"{KIND_NAMES[kind]}{' header' if header else ''} of micro-batch {mb}"
-        try:
-            dist.irecv(buf, self.place.rank_of(stage), tag=self._tag(kind, mb, header)).wait(
-                timeout=timedelta(seconds=self.timeout)
-            )
-        except RuntimeError as exc:
-            raise self._error(exc, what, stage) from None
-        return buf
+        """Receive from ``stage`` now (``post`` then ``take``)."""
+        return self.take(self.post(stage, kind, mb, shape, dtype))
 
     def flush(self) -> None:
         """Wait until every started send has completed."""
@@ -296,8 +326,8 @@ class _BatchRun:
         self.xs = torch.tensor_split(x, m) if self.place.is_first else None
         self.ys = torch.tensor_split(y, m) if self.place.is_last else None
         base, extra = divmod(len(x if x is not None else y), m)
-        total = base * m + extra
-        self.weights = [(base + (i < extra)) / total for i in range(m)]
+        self.sizes = [base + (i < extra) for i in range(m)]  # as torch.tensor_split cuts
+        self.weights = [size / (base * m + extra) for size in self.sizes]
         self.loss_fn = loss_fn
         self.m = m
         self.inputs: dict[int, torch.Tensor] = {}
@@ -309,17 +339,19 @@ class _BatchRun:
         self.held = self.peak_bytes = self.in_flight = self.peak_in_flight = 0
         self.spans: list[sched.Span] = []
         self.started = time.perf_counter()
+        self.incoming: dict[tuple[str, int], Incoming] = {}
+        self.sample: tuple[torch.Size, torch.dtype] | None = None  # of micro-batch 0
+        if not self.place.is_first:  # only micro-batch 0 carries a shape header
+            self.incoming[sched.RECV_ACT, 0] = self.link.post(self.place.stage - 1, ACT, 0)
 
     def do(self, act: sched.Action) -> None:
         mb, peer, link = act.microbatch, act.peer, self.link
         if act.op == sched.RECV_ACT:
-            h = link.recv(peer, ACT, mb)
-            self.inputs[mb] = h.requires_grad_(h.is_floating_point())
+            self._recv_act(mb, peer)
         elif act.op == sched.SEND_ACT:
-            link.send(self.outputs[mb], peer, ACT, mb, header=True)
+            self._send_act(mb, peer)
         elif act.op == sched.RECV_GRAD:
-            out = self.outputs[mb]
-            self.grads[mb] = link.recv(peer, GRAD, mb, out.shape, out.dtype)
+            self.grads[mb] = link.take(self.incoming.pop((act.op, mb)))
         elif act.op == sched.SEND_GRAD:
             link.send(self.grads.pop(mb), peer, GRAD, mb, header=False)
         elif act.op == sched.FORWARD:
@@ -328,6 +360,33 @@ class _BatchRun:
             self._timed(act, self._backward)
         else:
             raise AssertionError(f"unknown action {act}")
+
+    def _recv_act(self, mb: int, peer: int) -> None:
+        """Take activation ``mb``; after micro-batch 0, post every later one: its shape is
+        (micro-batch size, *micro-batch 0's sample shape), so it lands while we compute."""
+        h = self.link.take(self.incoming.pop((sched.RECV_ACT, mb)))
+        if mb == 0:
+            for j in range(1, self.m):
+                shape = (self.sizes[j], *h.shape[1:])
+                self.incoming[sched.RECV_ACT, j] = self.link.post(peer, ACT, j, shape, h.dtype)
+        self.inputs[mb] = h.requires_grad_(h.is_floating_point())
+
+    def _send_act(self, mb: int, peer: int) -> None:
+        out = self.outputs[mb]
+        if mb == 0:
+            self.sample = (out.shape[1:], out.dtype)
+        elif out.dim() == 0 or (out.shape[0], out.shape[1:], out.dtype) != (
+            self.sizes[mb],
+            *self.sample,
+        ):
+            raise UsageError(
+                f"pipeline stage {self.place.stage}: the output of micro-batch {mb} has shape "
+                f"{tuple(out.shape)} and dtype {out.dtype}; expected ({self.sizes[mb]}, "
+                f"*{tuple(self.sample[0])}) and {self.sample[1]}: a stage's output must keep "
+                "the batch as its first dimension and the same per-sample shape"
+            )
+        self.link.send(out, peer, ACT, mb, header=mb == 0)
+        self.incoming[sched.RECV_GRAD, mb] = self.link.post(peer, GRAD, mb, out.shape, out.dtype)
 
     def _timed(self, act: sched.Action, fn: Callable[[int], None]) -> None:
         start = time.perf_counter()

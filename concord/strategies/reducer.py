@@ -18,6 +18,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from datetime import timedelta
 
 import torch
@@ -71,6 +72,24 @@ class TorchEngine:
         pass
 
 
+class _Job:
+    """A bucket reduction that runs once, on the engine's thread or on the waiting thread."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn, self.future, self._taken = fn, Future(), threading.Lock()
+
+    def run_once(self) -> bool:
+        """Run the job unless another thread took it; True if this call ran it."""
+        if not self._taken.acquire(blocking=False):
+            return False
+        try:
+            self.fn()
+            self.future.set_result(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            self.future.set_exception(exc)
+        return True
+
+
 class RingEngine:
     """Buckets reduced by concord's ring over shared memory, on one background thread."""
 
@@ -105,12 +124,8 @@ class RingEngine:
             job = self._jobs.get()
             if job is None:
                 return
-            fn, future = job
-            try:
-                fn()
-                future.set_result(None)
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-                future.set_exception(exc)
+            if not job.run_once():  # the waiting thread took it: let it finish first
+                wait_futures([job.future])
 
     def _reduce(self, bucket: Bucket, fill: Fill, unpack: Unpack) -> None:
         acc = self.acc[bucket.index]
@@ -121,9 +136,14 @@ class RingEngine:
         unpack(result, self.codec is not None)
 
     def start(self, bucket: Bucket, fill: Fill, unpack: Unpack) -> Callable[[], None]:
-        future: Future = Future()
-        self._jobs.put((lambda: self._reduce(bucket, fill, unpack), future))
-        return lambda: future.result(timeout=self.ring.timeout * 2 + 5)
+        job = _Job(lambda: self._reduce(bucket, fill, unpack))
+        self._jobs.put(job)
+
+        def wait() -> None:
+            job.run_once()  # not started yet: run it here rather than wait for a thread switch
+            job.future.result(timeout=self.ring.timeout * 2 + 5)
+
+        return wait
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -137,6 +157,7 @@ class Reducer:
     def __init__(self, params: Sequence[nn.Parameter], plan: BucketPlan, engine, world: int) -> None:  # fmt: skip
         self.params, self.plan, self.engine, self.world = list(params), plan, engine, world
         self.enabled = True  # False inside no_sync()
+        self._synced = False  # a backward of this step already finished the reduction
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)
         ]
@@ -165,7 +186,7 @@ class Reducer:
                 "but the last backward of an accumulation in `with model.no_sync():`"
             )
         if not self._callback_queued:
-            self._callback_queued = True
+            self._callback_queued, self._synced = True, False
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
         if not self._seen[index]:
             self._seen[index] = 1
@@ -179,7 +200,10 @@ class Reducer:
         self._next = index + 1
 
     def finish(self) -> None:
-        """Launch the buckets still waiting, wait for all, leave the global grads in place."""
+        """Launch the buckets still waiting, wait for all, leave the global grads in place.
+
+        Runs at the end of every synchronized backward (an autograd callback).
+        """
         while self._next < len(self.plan.buckets):
             self._launch(self._next)
         try:
@@ -187,6 +211,17 @@ class Reducer:
                 wait()
         finally:
             self._reset()
+        self._synced = True
+
+    def synchronize(self) -> None:
+        """Called by ``optimizer.step()``: finish this step's reduction unless a backward did.
+
+        A worker with no synchronized backward in this step (no data, or only ``no_sync``
+        passes) still takes part, so every worker issues the same collectives.
+        """
+        if not self._synced:
+            self.finish()
+        self._synced = False
 
     def _filler(self, bucket: Bucket) -> Fill:
         def fill(out: torch.Tensor) -> None:

@@ -1,0 +1,118 @@
+"""Training throughput: concord AllReduce (default engine) vs PyTorch DDP (gloo), MNIST.
+
+    flock /tmp/concord-bench.lock .venv/bin/python benchmarks/dp_vs_ddp.py [--quick]
+
+For N = 2 and 4 worker processes (one thread each) on this host, the MLP (784-512-256-128-10)
+and the CNN of ``concord.models``, and batch 64 and 256 per worker: each system trains for a
+fixed number of steps (SGD with momentum, cross-entropy, MNIST train preloaded in memory,
+each worker its own shard), after warm-up steps. A repeat's time is the slowest worker's;
+samples/s = N * batch * steps / time, median over the repeats. The two systems alternate
+repeat by repeat inside the same processes, so machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from allreduce_bandwidth import spawn  # noqa: E402
+
+# steps per repeat, by (model, batch): about the same wall time for each config
+STEPS = {("mlp", 64): 40, ("mlp", 256): 20, ("cnn", 64): 12, ("cnn", 256): 5}
+
+
+def _system(name: str, model_name: str, seed: int = 0):
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    import concord
+    from concord.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(model_name)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if name == "ddp":
+        return DistributedDataParallel(model), opt
+    return concord.distribute(model, opt, concord.AllReduce())
+
+
+def _run(model, opt, x, y, batch: int, steps: int, start: int) -> int:
+    import torch.nn.functional as F
+
+    n = x.shape[0]
+    for step in range(start, start + steps):
+        i = (step * batch) % (n - batch)
+        opt.zero_grad()
+        F.cross_entropy(model(x[i : i + batch]), y[i : i + batch]).backward()
+        opt.step()
+    return start + steps
+
+
+def _bench(configs: list[tuple[str, int]], repeats: int, scale: float) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    import concord
+    from concord.data.mnist import mnist
+
+    ctx = concord.init(timeout=300)
+    data = mnist("train")
+    x, y = data.tensors[0][ctx.rank :: ctx.world_size], data.tensors[1][ctx.rank :: ctx.world_size]
+    out = {}
+    for model_name, batch in configs:
+        steps = max(2, int(STEPS[model_name, batch] * scale))
+        systems = {name: _system(name, model_name) for name in ("ddp", "concord")}
+        times: dict[str, list[float]] = {name: [] for name in systems}
+        cursor = {name: _run(*systems[name], x, y, batch, 3, 0) for name in systems}  # warm-up
+        for _ in range(repeats):
+            for name, (model, opt) in systems.items():
+                dist.barrier()
+                begin = time.perf_counter()
+                cursor[name] = _run(model, opt, x, y, batch, steps, cursor[name])
+                took = torch.tensor([time.perf_counter() - begin], dtype=torch.float64)
+                dist.all_reduce(took, op=dist.ReduceOp.MAX)
+                times[name].append(float(took))
+        systems["concord"][0].close()
+        samples = ctx.world_size * batch * steps
+        out[f"{model_name}/{batch}"] = {n: samples / statistics.median(t) for n, t in times.items()}  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="half the steps per repeat")
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be >= 5 (medians of at least 5 repeats)")
+    configs = [(m, b) for m in args.models for b in args.batches]
+    rows = []
+    for world in args.worlds:
+        res = spawn(_bench, world, (configs, args.repeats, 0.5 if args.quick else 1.0))[0]
+        for model_name, batch in configs:
+            r = res[f"{model_name}/{batch}"]
+            rows.append({"world": world, "model": model_name, "batch": batch,
+                         "ddp_sps": r["ddp"], "concord_sps": r["concord"],
+                         "speedup": r["concord"] / r["ddp"]})  # fmt: skip
+    print(f"{'N':>3} {'model':>5} {'batch':>5} {'DDP samples/s':>14} {'concord':>10} {'ratio':>7}")
+    for r in rows:
+        print(f"{r['world']:>3} {r['model']:>5} {r['batch']:>5} {r['ddp_sps']:>14.0f} "
+              f"{r['concord_sps']:>10.0f} {r['speedup']:>6.2f}x")  # fmt: skip
+    geo = statistics.geometric_mean([r["speedup"] for r in rows])
+    print(f"geometric mean concord/DDP: {geo:.2f}x")
+    print(json.dumps({"benchmark": "dp_vs_ddp", "repeats": args.repeats, "geomean": geo, "rows": rows}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
