@@ -49,8 +49,13 @@ def _child(fn: Callable, rank: int, env: dict, args: tuple, results: Any) -> Non
 def spawn(fn: Callable, world: int, args: tuple, timeout: float = 600) -> list[Any]:
     """Run ``fn(*args)`` in ``world`` worker processes on 127.0.0.1; results by rank."""
     ctx = mp.get_context("spawn")
-    base = {"WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "CONCORD_SERVERS": "0",
-            "MASTER_PORT": str(free_port()), "CONCORD_SECRET": new_secret()}  # fmt: skip
+    base = {
+        "WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "CONCORD_SERVERS": "0",
+        "MASTER_PORT": str(free_port()),
+        "CONCORD_SECRET": new_secret(),
+    }
     results = ctx.Queue()
     procs = []
     for rank in range(world):
@@ -102,20 +107,30 @@ def _bench(sizes_mb: list[int], repeats: int, chunk_kb: int) -> dict:
     from concord.comm.shm import ShmRing
 
     ctx = concord.init(timeout=120)
-    ring = ShmRing(ctx.rank, ctx.world_size, ctx.store, "bench/ring/", max(sizes_mb) * MB,
-                   ctx.timeout, ctx.secret)  # fmt: skip
+    ring = ShmRing(
+        ctx.rank,
+        ctx.world_size,
+        ctx.store,
+        "bench/ring/",
+        max(sizes_mb) * MB,
+        ctx.timeout,
+        ctx.secret,
+    )
     out = {}
     for size in sizes_mb:
         numel = size * MB // 4
         x = torch.full((numel,), float(ctx.rank + 1))
         region = ring.region(0, numel, torch.float32)
 
-        def ring_op() -> None:
+        def ring_op(x: torch.Tensor = x, region=region) -> None:  # noqa: ANN001
             x.copy_(ring_allreduce(region, x, chunk_kb * 1024 // 4))
 
-        gloo = timed(lambda: dist.all_reduce(x), repeats)
+        def gloo_op(x: torch.Tensor = x) -> None:
+            dist.all_reduce(x)
+
+        gloo = timed(gloo_op, repeats)
         mine = timed(ring_op, repeats)
-        gloo += timed(lambda: dist.all_reduce(x), repeats)  # interleaved: same noise for both
+        gloo += timed(gloo_op, repeats)  # interleaved: the same noise for both
         mine += timed(ring_op, repeats)
         out[size] = {"gloo": statistics.median(gloo), "ring": statistics.median(mine)}
     ring.close()
@@ -136,12 +151,21 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.sizes_mb:
             factor = size * MB * 2 * (world - 1) / world / 1e9
             gloo, ring = res[size]["gloo"], res[size]["ring"]
-            rows.append({"world": world, "mb": size, "gloo_gbps": factor / gloo,
-                         "ring_gbps": factor / ring, "speedup": gloo / ring})  # fmt: skip
+            rows.append(
+                {
+                    "world": world,
+                    "mb": size,
+                    "gloo_gbps": factor / gloo,
+                    "ring_gbps": factor / ring,
+                    "speedup": gloo / ring,
+                }
+            )
     print(f"{'N':>3} {'MB':>4} {'gloo GB/s':>10} {'ring GB/s':>10} {'ring/gloo':>10}")
     for r in rows:
-        print(f"{r['world']:>3} {r['mb']:>4} {r['gloo_gbps']:>10.2f} {r['ring_gbps']:>10.2f} "
-              f"{r['speedup']:>9.2f}x")  # fmt: skip
+        print(
+            f"{r['world']:>3} {r['mb']:>4} {r['gloo_gbps']:>10.2f} {r['ring_gbps']:>10.2f} "
+            f"{r['speedup']:>9.2f}x"
+        )
     print(json.dumps({"benchmark": "allreduce_bandwidth", "repeats": 2 * repeats, "rows": rows}))
     return 0
 

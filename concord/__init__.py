@@ -9,8 +9,8 @@ from concord.api import Context, distribute, init, shutdown
 from concord.errors import ConcordError, PeerTimeoutError, UsageError
 from concord.strategies.allreduce import AllReduce
 from concord.strategies.base import Distributed, DistributedOptimizer, Strategy
-from concord.strategies.ps import ParameterServer
 from concord.strategies.pipeline import Pipeline
+from concord.strategies.ps import ParameterServer
 
 __all__ = [
     "AllReduce",

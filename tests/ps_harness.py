@@ -77,10 +77,10 @@ def run_ps_job(
     env = job_env(workers, servers=servers) | {"CONCORD_TIMEOUT": str(server_timeout)}
     with tempfile.TemporaryDirectory() as log_dir:
         procs = start_servers(env, servers, log_dir)
-        extra = []
+        extra, victim_results = [], _CTX.Queue()  # the queue must outlive the children
         for rank, vargs in (victims or {}).items():
             child_env = env | {"RANK": str(rank), "LOCAL_RANK": str(rank), "CONCORD_ROLE": "worker"}
-            proc = _CTX.Process(target=_child, args=(fn, rank, child_env, vargs, _CTX.Queue()))
+            proc = _CTX.Process(target=_child, args=(fn, rank, child_env, vargs, victim_results))
             proc.start()
             extra.append(proc)
         codes: list[int | None] = []

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from concord.algorithms.partition import Split, balanced_split, explicit_split
 from concord.errors import UsageError
@@ -56,3 +60,20 @@ def test_too_few_layers_or_bad_costs():
         balanced_split([1], 0)
     with pytest.raises(UsageError, match="begin at 0"):
         Split((1, 2), 4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    costs=st.lists(st.integers(0, 50), min_size=1, max_size=9),
+    stages=st.integers(1, 5),
+)
+def test_balanced_split_matches_brute_force(costs, stages):
+    if stages > len(costs):
+        return
+    best = min(
+        max(Split((0, *cuts), len(costs)).costs(costs))
+        for cuts in itertools.combinations(range(1, len(costs)), stages - 1)
+    )
+    split = balanced_split(costs, stages)
+    assert split.stages == stages
+    assert max(split.costs(costs)) == best

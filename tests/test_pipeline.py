@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from multiproc import job_env, run_workers
 from torch import nn
 
-CONFIGS = [(schedule, m) for schedule in ("gpipe", "1f1b") for m in (1, 4)]
+# (schedule, micro-batches, split): split None balances parameter counts
+CONFIGS = [(schedule, m, None) for schedule in ("gpipe", "1f1b") for m in (1, 4)]
 TOL = {"rtol": 1e-5, "atol": 1e-7}
 
 
@@ -50,15 +51,15 @@ def _reference(n: int) -> dict:
 
 
 def _pipelined(stages: int, n: int, configs: list, replicas: int = 1) -> list[dict]:
-    """One stage's view of one step for every (schedule, M) in ``configs``."""
+    """One stage's view of one step for every (schedule, M, split) in ``configs``."""
     import concord
 
     ctx = concord.init(timeout=30)
     results = []
-    for schedule, m in configs:
+    for schedule, m, split in configs:
         model = _model()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        strategy = concord.Pipeline(stages, m, schedule, replicas=replicas)
+        strategy = concord.Pipeline(stages, m, schedule, split=split, replicas=replicas)
         stage, sopt = strategy.distribute(model, opt, ctx)
         shard = strategy.data_shard(ctx)
         x, y = _batch(n, 1)
@@ -80,7 +81,6 @@ def _pipelined(stages: int, n: int, configs: list, replicas: int = 1) -> list[di
 
 
 def _check_stage(got: dict, ref: dict, with_grads: bool = True) -> None:
-    assert got["params"], "every stage of this model holds parameters"
     for key, value in got["params"].items():
         if with_grads:
             torch.testing.assert_close(got["grads"][key], ref["grads"][key], **TOL)
@@ -92,8 +92,10 @@ def _check_stage(got: dict, ref: dict, with_grads: bool = True) -> None:
 def test_gradients_match_unsplit_model(stages):
     n = 10  # M=4 cuts 10 samples into 3, 3, 2, 2: losses are weighted by size
     ref = _reference(n)
-    per_rank = run_workers(_pipelined, stages, args=(stages, n, CONFIGS), timeout=100)
-    for c, (schedule, m) in enumerate(CONFIGS):
+    # P=3 also runs a stage that holds no parameters (layer 1 alone is a Tanh)
+    configs = CONFIGS + ([("1f1b", 4, [1, 2])] if stages == 3 else [])
+    per_rank = run_workers(_pipelined, stages, args=(stages, n, configs), timeout=100)
+    for c, (schedule, m, split) in enumerate(configs):
         seen = set()
         for rank in range(stages):
             got = per_rank[rank][c]
@@ -104,6 +106,7 @@ def test_gradients_match_unsplit_model(stages):
             # 1F1B: stage s holds at most P - s micro-batches; GPipe holds all M
             bound = min(m, stages - rank) if schedule == "1f1b" else m
             assert got["peak_in_flight"] == bound
+            assert got["params"] or split == [1, 2]
             seen |= set(got["params"])
         assert seen == set(ref["params"])  # the stages together hold the whole model
 
@@ -112,7 +115,7 @@ def test_gradients_match_unsplit_model(stages):
 def test_hybrid_two_replicas_of_two_stages_match_unsplit_model():
     n = 12  # each replica takes 6 samples (rank layout: rank = replica * 2 + stage)
     ref = _reference(n)
-    configs = [("1f1b", 4), ("gpipe", 2)]
+    configs = [("1f1b", 4, "time"), ("gpipe", 2, None)]  # "time": rank 0 measures, broadcasts
     per_rank = run_workers(_pipelined, 4, args=(2, n, configs, 2), timeout=100)
     for c in range(len(configs)):
         losses = [per_rank[r][c]["loss"] for r in range(4)]

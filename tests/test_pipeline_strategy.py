@@ -62,11 +62,13 @@ def test_rank_layout_and_data_shards():
 
 
 def test_splits_of_the_mlp():
-    layers = as_layers(_mlp())
+    model = _mlp()
+    layers = as_layers(model)
     assert Pipeline(stages=3).plan(layers).starts == (0, 3, 5)  # by parameter count
     assert Pipeline(stages=3, split=[2, 6]).plan(layers).starts == (0, 2, 6)
     timed = Pipeline(stages=3, split="time").plan(layers)  # measured here: shape inferred
     assert timed.stages == 3 and timed.starts[1] <= 3  # the big Linear leads on any machine
+    assert all(p.grad is None for p in model.parameters())  # measured on copies
     with pytest.raises(UsageError, match="sample_shape"):
         Pipeline(stages=2, split="time").plan(as_layers([nn.Conv2d(1, 2, 3), nn.Flatten()]))
     with pytest.raises(TypeError, match="nn.Sequential"):

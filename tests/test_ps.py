@@ -158,9 +158,9 @@ def _mnist_worker(strategy_kwargs: dict) -> float | None:
         nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
         nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10),
     )  # fmt: skip
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     model, opt = concord.distribute(model, opt, concord.ParameterServer(**strategy_kwargs))
-    for x, y in concord.data.loader(concord.data.mnist("train"), batch_size=64):
+    for x, y in concord.data.loader(concord.data.mnist("train"), batch_size=32):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -226,8 +226,10 @@ def test_killed_async_worker_does_not_stop_the_others():
         victims={2: (kwargs, 30, 0.0, 3)},
         server_timeout=3.0,
     )
-    for _, stats in job.results:  # both servers: 30 steps of 2 survivors + 3 of the victim
-        assert [(s["lost"], s["applied"]) for s in stats] == [([2], 63), ([2], 63)]
+    assert all(s["lost"] == [2] for _, stats in job.results for s in stats)
+    # the survivor that asked last saw both servers apply 30 + 30 steps and the victim's 3
+    last = max(job.results, key=lambda r: sum(s["applied"] for s in r[1]))[1]
+    assert [s["applied"] for s in last] == [63, 63]
 
 
 @pytest.mark.timeout(120)

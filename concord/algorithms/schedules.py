@@ -195,49 +195,66 @@ def simulate(
     """
     validate(plan, microbatches)
     stages = len(plan)
-    fwd = _durations(forward_time, stages, "forward_time")
-    bwd = _durations(backward_time, stages, "backward_time")
-    channels: dict[tuple[int, int, str], deque[tuple[int, float]]] = {}
-    pos, clock = [0] * stages, [0.0] * stages
-    timeline: list[list[Span]] = [[] for _ in range(stages)]
-    in_flight, peak = [0] * stages, [0] * stages
-    while any(pos[s] < len(plan[s]) for s in range(stages)):
-        moved = False
-        for s in range(stages):
-            while pos[s] < len(plan[s]):
-                act = plan[s][pos[s]]
-                if act.op in SENDS:
-                    key = (s, act.peer, SENDS[act.op])
-                    channels.setdefault(key, deque()).append((act.microbatch, clock[s] + comm_time))
-                elif act.op in (RECV_ACT, RECV_GRAD):
-                    queue = channels.get((act.peer, s, act.op))
-                    if not queue:
-                        break
-                    mb, ready = queue.popleft()
-                    if mb != act.microbatch:
-                        raise ScheduleError(
-                            f"stage {s} expects {act} but stage {act.peer} sent micro-batch "
-                            f"{mb} first on that channel"
-                        )
-                    clock[s] = max(clock[s], ready)
-                else:
-                    start = clock[s]
-                    clock[s] += fwd[s] if act.op == FORWARD else bwd[s]
-                    timeline[s].append(Span(act.op, act.microbatch, start, clock[s]))
-                    in_flight[s] += 1 if act.op == FORWARD else -1
-                    peak[s] = max(peak[s], in_flight[s])
-                pos[s] += 1
-                moved = True
-        if not moved:
+    run = _Run(
+        plan,
+        _durations(forward_time, stages, "forward_time"),
+        _durations(backward_time, stages, "backward_time"),
+        comm_time,
+    )
+    while any(run.pos[s] < len(plan[s]) for s in range(stages)):
+        moved = [run.advance(s) for s in range(stages)]
+        if not any(moved):
             stuck = [
-                f"stage {s} at {plan[s][pos[s]]}" for s in range(stages) if pos[s] < len(plan[s])
+                f"stage {s} at {plan[s][p]}" for s, p in enumerate(run.pos) if p < len(plan[s])
             ]
             raise DeadlockError(f"deadlock: {'; '.join(stuck)} wait(s) for messages never sent")
-    _check_dependencies(timeline)
-    makespan = max(clock)
-    busy = [sum(span.end - span.start for span in spans) for spans in timeline]
+    _check_dependencies(run.timeline)
+    makespan = max(run.clock)
+    busy = [sum(span.end - span.start for span in spans) for spans in run.timeline]
     bubble = 1 - sum(busy) / (stages * makespan) if makespan > 0 else 0.0
-    return Simulation(timeline, makespan, busy, bubble, peak)
+    return Simulation(run.timeline, makespan, busy, bubble, run.peak)
+
+
+class _Run:
+    """The state of a simulation: per-stage position and clock, and the message channels."""
+
+    def __init__(
+        self, plan: Sequence[Sequence[Action]], fwd: list[float], bwd: list[float], comm: float
+    ) -> None:
+        self.plan, self.fwd, self.bwd, self.comm = plan, fwd, bwd, comm
+        stages = len(plan)
+        self.channels: dict[tuple[int, int, str], deque[tuple[int, float]]] = {}
+        self.pos, self.clock = [0] * stages, [0.0] * stages
+        self.timeline: list[list[Span]] = [[] for _ in range(stages)]
+        self.in_flight, self.peak = [0] * stages, [0] * stages
+
+    def advance(self, s: int) -> bool:
+        """Run stage ``s`` until it waits for a message or ends; True if it moved."""
+        start_pos = self.pos[s]
+        while self.pos[s] < len(self.plan[s]):
+            act = self.plan[s][self.pos[s]]
+            if act.op in SENDS:
+                queue = self.channels.setdefault((s, act.peer, SENDS[act.op]), deque())
+                queue.append((act.microbatch, self.clock[s] + self.comm))
+            elif act.op in (RECV_ACT, RECV_GRAD):
+                queue = self.channels.get((act.peer, s, act.op))
+                if not queue:
+                    break
+                mb, ready = queue.popleft()
+                if mb != act.microbatch:
+                    raise ScheduleError(
+                        f"stage {s} expects {act} but stage {act.peer} sent micro-batch "
+                        f"{mb} first on that channel"
+                    )
+                self.clock[s] = max(self.clock[s], ready)
+            else:
+                start = self.clock[s]
+                self.clock[s] += self.fwd[s] if act.op == FORWARD else self.bwd[s]
+                self.timeline[s].append(Span(act.op, act.microbatch, start, self.clock[s]))
+                self.in_flight[s] += 1 if act.op == FORWARD else -1
+                self.peak[s] = max(self.peak[s], self.in_flight[s])
+            self.pos[s] += 1
+        return self.pos[s] > start_pos
 
 
 def _check_dependencies(timeline: list[list[Span]]) -> None:

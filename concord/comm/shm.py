@@ -55,7 +55,17 @@ def _map(path: str, nbytes: int, create: bool) -> mmap.mmap:
     flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
     fd = os.open(path, flags, 0o600)
     try:
-        if create:
+        if create and hasattr(os, "posix_fallocate"):
+            try:  # reserve the pages now: a full /dev/shm fails here, not with SIGBUS later
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as exc:
+                os.unlink(path)
+                raise ConcordError(
+                    f"cannot reserve {nbytes} bytes of shared memory in {os.path.dirname(path)}"
+                    f" ({exc}); enlarge it (docker run --shm-size) or use AllReduce("
+                    'engine="torch")'
+                ) from None
+        elif create:
             os.ftruncate(fd, nbytes)
         return mmap.mmap(fd, nbytes)
     finally:
@@ -86,6 +96,11 @@ class ShmRing:
     ``nbytes`` is the wire area's size. Built collectively: every worker of the ring calls
     it with the same ``prefix`` (a store key prefix unique to this ring).
     """
+
+    @staticmethod
+    def available() -> bool:
+        """Whether this platform qualifies: x86-64 (ordered stores), with a writable shm dir."""
+        return platform.machine().lower() in ("x86_64", "amd64") and os.access(_shm_dir(), os.W_OK)
 
     def __init__(
         self,

@@ -50,6 +50,7 @@ def build_strategy(args: argparse.Namespace) -> Strategy:
             schedule=args.schedule,
             split=split,
             replicas=args.replicas,
+            sample_shape=(1, 28, 28),  # MNIST: lets split="time" measure a CNN's layers
         )
     raise UsageError(f"unknown strategy {args.strategy!r}")
 

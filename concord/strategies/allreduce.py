@@ -94,14 +94,21 @@ class AllReduce(Strategy):
         wrapped = AllReduceModel(model, reducer)
         return Distributed(wrapped, AllReduceOptimizer(optimizer, wrapped, self.check_every))
 
-    def resolve_engine(self, ctx: Context, prefix: str) -> str:
+    def resolve_engine(self, ctx: Context, prefix: str, wire_bytes: int = 0) -> str:
         """The engine this job uses (the same answer on every worker)."""
         check_engine_device(self.engine, ctx.device)
+        if self.engine == "ring" and not ShmRing.available():
+            raise UsageError(
+                f'AllReduce(engine="ring") needs x86-64 shared memory; this is '
+                f'{platform.machine()}: use engine="torch" or "auto"'
+            )
         if self.engine != "auto":
             return self.engine
         if ctx.device.type != "cpu":
             return "torch"
-        return "ring" if _one_host(ctx, prefix) else "torch"
+        # every worker on this host needs its own wire in shared memory
+        fits = ShmRing.available(2 * ctx.world_size * wire_bytes)
+        return "ring" if _all_agree(ctx, prefix, f"{platform.node()} {fits}") else "torch"
 
     def _reducer(self, model: nn.Module, ctx: Context) -> Reducer:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -109,17 +116,26 @@ class AllReduce(Strategy):
         plan = plan_buckets(
             specs,
             int(self.bucket_mb * 2**20),
-            int(min(self.first_bucket_mb, self.bucket_mb) * 2**20),  # fmt: skip
+            int(min(self.first_bucket_mb, self.bucket_mb) * 2**20),
         )
         dtypes = [params[b.slots[0].param].dtype for b in plan.buckets]
         prefix = f"{ctx.store_prefix}allreduce/{next(_instances)}/"
-        engine_name = self.resolve_engine(ctx, prefix)
         wire_codec = codec(self.compression)
+        nbytes = RingEngine.wire_bytes(plan, dtypes, wire_codec)
+        engine_name = self.resolve_engine(ctx, prefix, nbytes)
         if engine_name == "ring":
-            nbytes = RingEngine.wire_bytes(plan, dtypes, wire_codec)
-            ring = ShmRing(ctx.rank, ctx.world_size, ctx.store, prefix + "ring/", nbytes,
-                           ctx.timeout, ctx.secret)  # fmt: skip
-            engine = RingEngine(plan, dtypes, ring, wire_codec, ctx.world_size, self.chunk_kb * 1024)  # fmt: skip
+            ring = ShmRing(
+                ctx.rank,
+                ctx.world_size,
+                ctx.store,
+                prefix + "ring/",
+                nbytes,
+                ctx.timeout,
+                ctx.secret,
+            )
+            engine = RingEngine(
+                plan, dtypes, ring, wire_codec, ctx.world_size, self.chunk_kb * 1024
+            )
         else:
             engine = TorchEngine(plan, dtypes, ctx.device, wire_codec, ctx.world_size, ctx.timeout)
         return Reducer(params, plan, engine, ctx.world_size)
@@ -138,10 +154,12 @@ def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None
                 )
 
 
-def _one_host(ctx: Context, prefix: str) -> bool:
-    """Whether every worker runs on this host (and shared memory works here)."""
-    host = platform.node()
-    ctx.store.set(f"{prefix}host/{ctx.rank}", host)
+def _all_agree(ctx: Context, prefix: str, mine: str) -> bool:
+    """Whether every worker published the same ``mine`` (one host, shared memory to spare).
+
+    The same answer on every worker. A value ending in "False" never agrees.
+    """
+    ctx.store.set(f"{prefix}host/{ctx.rank}", mine)
     keys = [f"{prefix}host/{r}" for r in range(ctx.world_size)]
     try:
         ctx.store.wait(keys, timedelta(seconds=ctx.timeout))
@@ -150,10 +168,7 @@ def _one_host(ctx: Context, prefix: str) -> bool:
         raise PeerTimeoutError(
             f"worker rank(s) {missing} did not reach AllReduce set-up within {ctx.timeout:g}s"
         ) from None
-    return all(ctx.store.get(k).decode() == host for k in keys) and platform.machine() in (
-        "x86_64",
-        "AMD64",
-    )
+    return not mine.endswith("False") and all(ctx.store.get(k).decode() == mine for k in keys)
 
 
 def broadcast_state(model: nn.Module, src: int = 0) -> None:
@@ -239,7 +254,9 @@ class AllReduceOptimizer(DistributedOptimizer):
 
 def _digest(tensor: torch.Tensor) -> int:
     data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return int.from_bytes(hashlib.blake2b(data.tobytes(), digest_size=8).digest(), "little", signed=True)  # fmt: skip
+    return int.from_bytes(
+        hashlib.blake2b(data.tobytes(), digest_size=8).digest(), "little", signed=True
+    )
 
 
 def check_replicas(model: nn.Module, step: int = 0) -> None:

@@ -21,6 +21,7 @@ dies or stalls makes its neighbours raise ``PeerTimeoutError`` naming its stage 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from collections.abc import Sequence
@@ -180,10 +181,14 @@ def _infer_sample_shape(layers: Sequence[tuple[str, nn.Module]]) -> tuple[int, .
 def measure_layer_seconds(
     modules: Sequence[nn.Module], sample: torch.Tensor, repeats: int = 5
 ) -> list[float]:
-    """Median forward+backward seconds of each layer on ``sample`` (after one warm-up)."""
+    """Median forward+backward seconds of each layer on ``sample`` (after one warm-up).
+
+    Runs on copies, so the model's gradients and buffers (BatchNorm statistics) stay as
+    they were.
+    """
     seconds = []
     x = sample
-    for module in modules:
+    for module in copy.deepcopy(list(modules)):
         times = []
         for i in range(repeats + 1):
             inp = x.detach().requires_grad_(x.is_floating_point())
@@ -193,7 +198,6 @@ def measure_layer_seconds(
                 out.backward(torch.ones_like(out))
             if i:
                 times.append(time.perf_counter() - start)
-        module.zero_grad(set_to_none=True)
         seconds.append(sorted(times)[len(times) // 2])
         x = out.detach()
     return seconds

@@ -234,6 +234,11 @@ class PipelineStage(nn.Module):
         self.last_stats: PipelineStats | None = None
         self._plans: dict[int, list[sched.Action]] = {}
 
+    @property
+    def stage_index(self) -> int:
+        """This process's stage (``Trainer.save`` writes ``model-stage{i}.pt`` per stage)."""
+        return self.place.stage
+
     def extra_repr(self) -> str:
         p = self.place
         return f"stage={p.stage}/{p.stages}, replica={p.replica}/{p.replicas}, {self.schedule}"

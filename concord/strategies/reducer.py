@@ -40,10 +40,19 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, plan: BucketPlan, dtypes: Sequence[torch.dtype], device: torch.device,
-                 codec: CastCodec | None, world: int, timeout: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        plan: BucketPlan,
+        dtypes: Sequence[torch.dtype],
+        device: torch.device,
+        codec: CastCodec | None,
+        world: int,
+        timeout: float,
+    ) -> None:
         self.world, self.timeout, self.codec = world, timeout, codec
-        self.flat = [torch.empty(b.numel, dtype=dt, device=device) for b, dt in zip(plan.buckets, dtypes)]  # fmt: skip
+        self.flat = [
+            torch.empty(b.numel, dtype=dt, device=device) for b, dt in zip(plan.buckets, dtypes)
+        ]
         self.wire = [f if codec is None else f.to(codec.wire_for(f.dtype)) for f in self.flat]
 
     def start(self, bucket: Bucket, fill: Fill, unpack: Unpack) -> Callable[[], None]:
@@ -95,8 +104,15 @@ class RingEngine:
 
     name = "ring"
 
-    def __init__(self, plan: BucketPlan, dtypes: Sequence[torch.dtype], ring: ShmRing,
-                 codec: CastCodec | None, world: int, chunk_bytes: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        plan: BucketPlan,
+        dtypes: Sequence[torch.dtype],
+        ring: ShmRing,
+        codec: CastCodec | None,
+        world: int,
+        chunk_bytes: int,
+    ) -> None:
         self.ring, self.world, self.codec = ring, world, codec
         self.regions, self.acc, self.chunks = [], [], []
         offset = 0
@@ -154,7 +170,9 @@ class RingEngine:
 class Reducer:
     """Hooks on ``params`` that launch bucket reductions; ``finish()`` ends a step's sync."""
 
-    def __init__(self, params: Sequence[nn.Parameter], plan: BucketPlan, engine, world: int) -> None:  # fmt: skip
+    def __init__(
+        self, params: Sequence[nn.Parameter], plan: BucketPlan, engine, world: int
+    ) -> None:
         self.params, self.plan, self.engine, self.world = list(params), plan, engine, world
         self.enabled = True  # False inside no_sync()
         self._synced = False  # a backward of this step already finished the reduction

@@ -1,0 +1,202 @@
+"""One parameter-server push+pull of 1/16/64 MB: concord vs raw pyzmq vs torch.distributed.rpc.
+
+- concord: ``PSOptimizer.step()`` with one worker and one server (sync mode, SGD): the
+  gradient goes up, the server averages and steps, the new parameters come back; every
+  frame is HMAC-SHA256 authenticated.
+- raw zmq: a DEALER sends the same bytes as one frame, a ROUTER echoes them back (no auth).
+- rpc: ``rpc_sync`` carries the tensor to a TensorPipe peer that returns one of equal size
+  (PyTorch's own parameter-server recipe).
+
+Each peer runs in fresh processes on 127.0.0.1 in the same run; medians of ``--reps``.
+
+    flock /tmp/concord-bench.lock python benchmarks/ps_transfer.py [--quick] [--sizes 1,16,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+_CTX = mp.get_context("spawn")
+MB = 1 << 20
+
+
+def _job_env(world: int, servers: int) -> dict[str, str]:
+    from concord.comm.rendezvous import free_port, new_secret
+
+    return {
+        "WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "CONCORD_SERVERS": str(servers),
+        "CONCORD_SECRET": new_secret(),
+        "CONCORD_TIMEOUT": "120",
+    }
+
+
+# -- concord --------------------------------------------------------------------------------
+def _concord_worker(env: dict[str, str], nbytes: int, reps: int, out) -> None:  # noqa: ANN001
+    os.environ.update(env | {"RANK": "0", "LOCAL_RANK": "0", "CONCORD_ROLE": "worker"})
+    torch.set_num_threads(1)
+    import concord
+
+    concord.init()
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.zeros(nbytes // 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    model, opt = concord.distribute(model, opt, concord.ParameterServer(mode="sync"))
+    model.w.grad = torch.ones_like(model.w)
+    times = []
+    for _ in range(reps + 2):
+        start = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    opt.close()
+    concord.shutdown()
+    out.put(times[2:])
+
+
+def time_concord(nbytes: int, reps: int) -> list[float]:
+    env = _job_env(1, 1)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "concord.strategies.ps.server"],
+        env=os.environ | env | {"RANK": "0", "CONCORD_ROLE": "server"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        return _run(_concord_worker, (env, nbytes, reps))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+# -- raw zmq --------------------------------------------------------------------------------
+def _zmq_echo(port_out, reps: int) -> None:  # noqa: ANN001
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    port_out.put(sock.bind_to_random_port("tcp://127.0.0.1"))
+    for _ in range(reps + 2):
+        frames = sock.recv_multipart(copy=False)
+        sock.send_multipart(frames, copy=False)
+    sock.close(linger=1000)
+
+
+def _zmq_client(port: int, nbytes: int, reps: int, out) -> None:  # noqa: ANN001
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    payload = memoryview(torch.ones(nbytes // 4).numpy()).cast("B")
+    times = []
+    for _ in range(reps + 2):
+        start = time.perf_counter()
+        sock.send(payload, copy=False)
+        sock.recv(copy=False)
+        times.append(time.perf_counter() - start)
+    sock.close()
+    out.put(times[2:])
+
+
+def time_zmq(nbytes: int, reps: int) -> list[float]:
+    ports = _CTX.Queue()
+    echo = _CTX.Process(target=_zmq_echo, args=(ports, reps))
+    echo.start()
+    try:
+        return _run(_zmq_client, (ports.get(timeout=60), nbytes, reps))
+    finally:
+        echo.join(timeout=30)
+        if echo.is_alive():
+            echo.kill()
+
+
+# -- torch.distributed.rpc ------------------------------------------------------------------
+def _rpc_echo(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _rpc_proc(rank: int, port: int, nbytes: int, reps: int, out) -> None:  # noqa: ANN001
+    import torch.distributed.rpc as rpc
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    opts = rpc.TensorPipeRpcBackendOptions(rpc_timeout=120, init_method=f"tcp://127.0.0.1:{port}")
+    rpc.init_rpc(f"p{rank}", rank=rank, world_size=2, rpc_backend_options=opts)
+    if rank == 0:
+        t = torch.ones(nbytes // 4)
+        times = []
+        for _ in range(reps + 2):
+            start = time.perf_counter()
+            rpc.rpc_sync("p1", _rpc_echo, args=(t,))
+            times.append(time.perf_counter() - start)
+        out.put(times[2:])
+    rpc.shutdown()
+
+
+def time_rpc(nbytes: int, reps: int) -> list[float]:
+    from concord.comm.rendezvous import free_port
+
+    port, unused = free_port(), _CTX.Queue()  # keep the queue alive while the child starts
+    peer = _CTX.Process(target=_rpc_proc, args=(1, port, nbytes, reps, unused))
+    peer.start()
+    try:
+        return _run(_rpc_proc, (0, port, nbytes, reps))
+    finally:
+        peer.join(timeout=60)
+        if peer.is_alive():
+            peer.kill()
+
+
+def _run(target, args: tuple) -> list[float]:  # noqa: ANN001
+    out = _CTX.Queue()
+    proc = _CTX.Process(target=target, args=(*args, out))
+    proc.start()
+    try:
+        return out.get(timeout=300)
+    finally:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="1,16,64", help="payload sizes in MB")
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="5 reps, sizes 1 and 16 MB")
+    parser.add_argument("--no-rpc", action="store_true", help="skip torch.distributed.rpc")
+    args = parser.parse_args(argv)
+    sizes = [1, 16] if args.quick else [int(s) for s in args.sizes.split(",")]
+    reps = 5 if args.quick else args.reps
+    rows = []
+    print(f"{'MB':>4} {'concord ms':>11} {'zmq ms':>8} {'rpc ms':>8} {'vs zmq':>7} {'vs rpc':>7}")
+    for mb in sizes:
+        nbytes = mb * MB
+        row = {"mb": mb, "concord_ms": 1e3 * statistics.median(time_concord(nbytes, reps))}
+        row["zmq_ms"] = 1e3 * statistics.median(time_zmq(nbytes, reps))
+        row["rpc_ms"] = None if args.no_rpc else 1e3 * statistics.median(time_rpc(nbytes, reps))
+        row["goodput_vs_zmq"] = row["zmq_ms"] / row["concord_ms"]
+        row["time_vs_rpc"] = row["concord_ms"] / row["rpc_ms"] if row["rpc_ms"] else None
+        rows.append(row)
+        rpc = f"{row['rpc_ms']:8.1f}" if row["rpc_ms"] else f"{'-':>8}"
+        ratio = f"{row['time_vs_rpc']:7.2f}" if row["time_vs_rpc"] else f"{'-':>7}"
+        print(
+            f"{mb:>4} {row['concord_ms']:11.1f} {row['zmq_ms']:8.1f} {rpc} "
+            f"{row['goodput_vs_zmq']:7.2f} {ratio}",
+            flush=True,
+        )
+    print(json.dumps({"benchmark": "ps_transfer", "reps": reps, "results": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

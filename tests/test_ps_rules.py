@@ -1,0 +1,367 @@
+"""Parameter-server cores in one process: shard planning, optimizer specs, sync rounds, the
+staleness clock, the shard's checks, the strategy's validation, and the server loop's
+decisions driven through a fake channel (deterministic: no sockets, no timing)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from concord.algorithms.ps_plan import (
+    OptimizerSpec,
+    ParamInfo,
+    Piece,
+    hyperparameters,
+    plan_shards,
+    spec_from_optimizer,
+)
+from concord.algorithms.ps_rules import StalenessClock, SyncAggregator
+from concord.comm.channel import Request
+from concord.comm.wire import Message, WireError
+from concord.errors import UsageError
+from concord.strategies.ps import ParameterServer
+from concord.strategies.ps.server import ShardServer
+from concord.strategies.ps.shard import Shard, piece_meta
+
+
+def _info(name: str, numel: int, group: int = 0) -> ParamInfo:
+    return ParamInfo(name, (numel,), "float32", 4, group)
+
+
+# -- shard planning -------------------------------------------------------------------------
+def test_plan_splits_a_large_tensor_at_the_byte_midpoint():
+    # a: 400 B, b: 40 B, c: 1200 B; total 1640, target cut at 820 B = c element (820-440)/4
+    plan = plan_shards([_info("a", 100), _info("b", 10), _info("c", 300)], 2)
+    assert plan.shards == (
+        (Piece("a", 0, 100, 0), Piece("b", 0, 10, 0), Piece("c", 0, 95, 0)),
+        (Piece("c", 95, 300, 1),),
+    )
+    assert plan.nbytes([_info("a", 100), _info("b", 10), _info("c", 300)]) == [820, 820]
+
+
+def test_plan_moves_a_cut_in_a_small_tensor_to_its_nearest_edge():
+    # a: 400 B, b: 60 B (< a quarter of the 440 B fair share), c: 360 B; cut at 410 -> 400
+    params = [_info("a", 100), _info("b", 15), _info("c", 90)]
+    plan = plan_shards(params, 2)
+    assert [[pc.key for pc in s] for s in plan.shards] == [["a[0:100]"], ["b[0:15]", "c[0:90]"]]
+
+
+def test_plan_with_one_server_and_more_servers_than_tensors():
+    params = [_info("a", 3), _info("b", 5)]
+    assert plan_shards(params, 1).shards == ((Piece("a", 0, 3, 0), Piece("b", 0, 5, 0)),)
+    shards = plan_shards(params, 4).shards
+    assert sum(pc.numel for s in shards for pc in s) == 8  # every element somewhere
+    with pytest.raises(ValueError, match="servers must be >= 1"):
+        plan_shards(params, 0)
+    with pytest.raises(ValueError, match="unique"):
+        plan_shards([_info("a", 1), _info("a", 2)], 1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=12),
+    itemsizes=st.lists(st.sampled_from([1, 2, 4, 8]), min_size=12, max_size=12),
+    servers=st.integers(1, 6),
+)
+def test_plan_covers_every_element_once_and_balances_bytes(sizes, itemsizes, servers):
+    params = [ParamInfo(f"p{i}", (n,), "float32", itemsizes[i], 0) for i, n in enumerate(sizes)]
+    plan = plan_shards(params, servers)
+    for p in params:
+        pieces = [pc for s in plan.shards for pc in s if pc.name == p.name]
+        assert pieces[0].start == 0 and pieces[-1].stop == p.numel
+        assert all(a.stop == b.start for a, b in zip(pieces, pieces[1:]))
+    fair = sum(p.nbytes for p in params) / servers
+    for got in plan.nbytes(params):
+        assert abs(got - fair) <= fair / 4 + 16  # snapped cuts, element rounding
+
+
+# -- optimizer spec -------------------------------------------------------------------------
+def test_spec_round_trips_settings_per_group():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD(
+        [{"params": [a]}, {"params": [b], "lr": 0.5}], lr=0.1, momentum=0.9, nesterov=True
+    )
+    spec = OptimizerSpec.from_json(spec_from_optimizer(opt).to_json())
+    assert spec.name == "SGD"
+    assert [g["lr"] for g in spec.groups] == [0.1, 0.5]
+    assert spec.groups[0]["nesterov"] is True and spec.groups[1]["momentum"] == 0.9
+    built = spec.build([[torch.zeros(2)], [torch.zeros(3)]])
+    assert [g["lr"] for g in built.param_groups] == [0.1, 0.5]
+    opt.param_groups[0]["lr"] = 0.01
+    assert hyperparameters(opt)[0]["lr"] == 0.01
+
+
+def test_split_tensor_updates_exactly_as_whole():
+    """Element-wise optimizers: Adam on two pieces equals Adam on the whole tensor."""
+    whole = torch.nn.Parameter(torch.linspace(-1, 1, 10))
+    opt = torch.optim.Adam([whole], lr=0.1, betas=(0.8, 0.9), weight_decay=0.1)
+    spec = spec_from_optimizer(opt)
+    pieces = [whole.detach()[:4].clone(), whole.detach()[4:].clone()]
+    split = spec.build([pieces])
+    for step in range(3):
+        grad = torch.sin(torch.arange(10.0) + step)
+        whole.grad = grad.clone()
+        opt.step()
+        pieces[0].grad, pieces[1].grad = grad[:4].clone(), grad[4:].clone()
+        split.step()
+    assert torch.equal(torch.cat(pieces), whole.detach())
+    assert split.param_groups[0]["betas"] == (0.8, 0.9)
+
+
+def test_spec_refuses_what_is_not_allow_listed():
+    class MySGD(torch.optim.SGD):
+        pass
+
+    p = [torch.nn.Parameter(torch.ones(1))]
+    with pytest.raises(TypeError, match="must be one of torch.optim.SGD.*got .*MySGD"):
+        spec_from_optimizer(MySGD(p, lr=0.1))
+    with pytest.raises(TypeError, match="LBFGS"):
+        spec_from_optimizer(torch.optim.LBFGS(p))
+    with pytest.raises(ValueError, match="'Evil' is not allowed"):
+        OptimizerSpec.from_json({"name": "Evil", "groups": [{}]})
+    with pytest.raises(ValueError, match="SGD has no setting 'params'"):
+        OptimizerSpec.from_json({"name": "SGD", "groups": [{"params": 1}]})
+    with pytest.raises(TypeError, match="lr='os.system' must be a number"):
+        OptimizerSpec.from_json({"name": "SGD", "groups": [{"lr": "os.system"}]})
+    with pytest.raises(ValueError, match="not finite"):
+        OptimizerSpec.from_json({"name": "SGD", "groups": [{"lr": float("nan")}]})
+
+
+# -- sync rounds ----------------------------------------------------------------------------
+def test_sync_round_averages_and_treats_a_missing_gradient_as_zero():
+    agg = SyncAggregator(workers=2)
+    assert agg.push(0, 0, {"a": torch.tensor([1.0, 2.0])}) == "counted"
+    assert agg.push(1, 0, {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([2.0])}) == "complete"
+    result = agg.finish()
+    assert result.contributors == (0, 1) and agg.version == 1
+    assert torch.equal(result.grads["a"], torch.tensor([2.0, 3.0]))
+    assert torch.equal(result.grads["b"], torch.tensor([1.0]))  # (0 + 2) / 2
+    assert "c" not in result.grads  # no gradient anywhere: the optimizer skips it
+
+
+def test_sync_round_with_a_backup_worker_drops_the_late_one():
+    agg = SyncAggregator(workers=3, backup_workers=1)
+    agg.push(2, 0, {"a": torch.ones(1)})
+    assert agg.push(0, 0, {"a": torch.full((1,), 3.0)}) == "complete"
+    assert torch.equal(agg.finish().grads["a"], torch.tensor([2.0]))
+    assert agg.push(1, 0, {"a": torch.ones(1)}) == "late"
+    assert agg.dropped == [(1, 0)]
+    with pytest.raises(ValueError, match="worker 1 pushed a gradient for step 3"):
+        agg.push(1, 3, {})
+    agg.push(1, 1, {})
+    with pytest.raises(ValueError, match="pushed twice"):
+        agg.push(1, 1, {})
+    with pytest.raises(ValueError, match="backup_workers"):
+        SyncAggregator(workers=2, backup_workers=2)
+
+
+def test_removing_a_worker_can_complete_the_round():
+    agg = SyncAggregator(workers=2)
+    agg.push(0, 0, {"a": torch.ones(1)})
+    assert agg.missing() == [1]
+    assert agg.remove(1) is True and agg.needed == 1
+
+
+# -- staleness clock ------------------------------------------------------------------------
+def test_staleness_clock_bounds_the_lead():
+    clock = StalenessClock(range(2), max_staleness=1)
+    clock.tick(0)
+    assert clock.lead(0) == 1 and clock.may_proceed(0)
+    clock.tick(0)
+    assert clock.lead(0) == 2 and not clock.may_proceed(0)
+    clock.tick(1)
+    assert clock.may_proceed(0) and clock.slowest() == (1, 1)
+    clock.tick(0)
+    clock.tick(0)
+    assert not clock.may_proceed(0)
+    clock.remove(1)  # a finished or lost worker no longer holds the others back
+    assert clock.may_proceed(0)
+
+
+def test_staleness_zero_is_lockstep_and_none_never_blocks():
+    lock = StalenessClock(range(3), max_staleness=0)
+    lock.tick(0)
+    lock.tick(1)
+    assert not lock.may_proceed(0) and not lock.may_proceed(1)
+    lock.tick(2)
+    assert all(lock.may_proceed(w) for w in range(3))
+    free = StalenessClock(range(2), max_staleness=None)
+    for _ in range(50):
+        free.tick(0)
+    assert free.lead(0) == 50 and free.may_proceed(0)
+    with pytest.raises(ValueError, match="max_staleness"):
+        StalenessClock(range(2), -1)
+
+
+# -- shard checks ---------------------------------------------------------------------------
+def _metas(shape=(2,), name="w", dtype="float32") -> list[dict]:
+    numel = int(torch.tensor(shape).prod())
+    return [piece_meta(Piece(name, 0, numel, 0), shape, dtype, 0)]
+
+
+def _sgd_spec() -> dict:
+    return {"name": "SGD", "groups": [{"lr": 0.5}]}
+
+
+def test_shard_checks_every_worker_against_worker_0():
+    config = ParameterServer().config(2)
+    shard = Shard(0)
+    shard.register_first(config, _metas(), _sgd_spec(), {"w[0:2]": torch.ones(2)})
+    shard.check_worker(1, config, _metas())  # identical: fine
+    with pytest.raises(WireError, match=r"parameter 'w': worker 1 has dtype float32 shape \[3\]"):
+        shard.check_worker(1, config, _metas(shape=(3,)))
+    with pytest.raises(WireError, match="worker 1 has parameter 'v' but worker 0 registered 'w'"):
+        shard.check_worker(1, config, _metas(name="v"))
+    with pytest.raises(WireError, match=r"settings \['mode'\]"):
+        shard.check_worker(1, ParameterServer(mode="async").config(2), _metas())
+    with pytest.raises(WireError) as err:
+        shard.check_tensors({"w[0:2]": torch.ones(2, dtype=torch.float64)}, "gradient")
+    assert err.value.kind == "dtype"
+    with pytest.raises(WireError, match="has 3 elements, expected 2"):
+        shard.check_tensors({"w[0:2]": torch.ones(3)}, "gradient")
+    with pytest.raises(WireError, match="'x' is not a piece"):
+        shard.check_tensors({"x": torch.ones(2)}, "gradient")
+    shard.apply_grads({"w[0:2]": torch.ones(2)})
+    assert torch.equal(shard.values["w[0:2]"], torch.full((2,), 0.5)) and shard.version == 1
+    shard.set_hyperparameters([{"lr": 0.25}])
+    shard.apply_grads({})  # no gradient: skipped, like grad None in one process
+    assert torch.equal(shard.values["w[0:2]"], torch.full((2,), 0.5)) and shard.version == 2
+
+
+def test_shard_rejects_bad_descriptions_and_optimizers():
+    config = ParameterServer().config(1)
+    with pytest.raises(WireError, match="bad parameter description"):
+        Shard(0).register_first(config, [{"name": "w"}], _sgd_spec(), {})
+    with pytest.raises(WireError, match="missing initial value"):
+        Shard(0).register_first(config, _metas(), _sgd_spec(), {})
+    with pytest.raises(WireError) as err:
+        Shard(0).register_first(
+            config, _metas(), {"name": "Pickle", "groups": [{}]}, {"w[0:2]": torch.ones(2)}
+        )
+    assert err.value.kind == "optimizer"
+
+
+# -- the strategy ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"mode": "eventually"}, ValueError, "mode must be one of"),
+        ({"push": "delta"}, ValueError, "push='delta' needs mode='async'"),
+        ({"max_staleness": 2}, ValueError, "max_staleness applies to mode='async'"),
+        ({"mode": "async", "backup_workers": 1}, ValueError, "apply to mode='sync'"),
+        ({"mode": "async", "max_staleness": -1}, ValueError, "max_staleness must be >= 0"),
+        ({"backup_workers": True}, TypeError, "backup_workers must be an int"),
+        ({"servers": 0}, ValueError, "servers must be >= 1"),
+    ],
+)
+def test_strategy_validates_itself(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ParameterServer(**kwargs)
+
+
+def test_strategy_names_and_job_checks():
+    assert ParameterServer().name == "ps-sync"
+    assert ParameterServer(mode="async").name == "ps-async"
+    assert ParameterServer(mode="async", push="delta").name == "ps-async-delta"
+    ctx = SimpleNamespace(role="worker", servers=0, world_size=4, secret=b"k" * 32)
+    with pytest.raises(UsageError, match="concord run -n N --servers S"):
+        ParameterServer().check_job(ctx)
+    ctx.servers = 1
+    with pytest.raises(UsageError, match=r"servers=2\) but the job started 1"):
+        ParameterServer(servers=2).check_job(ctx)
+    with pytest.raises(UsageError, match="backup_workers=4 must be < the number of workers"):
+        ParameterServer(backup_workers=4).check_job(ctx)
+    ctx.secret = b""
+    with pytest.raises(UsageError, match="CONCORD_SECRET"):
+        ParameterServer().check_job(ctx)
+
+
+# -- the server loop, through a fake channel ------------------------------------------------
+class FakeChannel:
+    """Records replies instead of sending them."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Message]] = []
+        self.rejected: Counter[str] = Counter()
+        self.bytes_in = self.bytes_out = 0
+
+    def reply(self, peer: bytes, msg: Message, track: bool = False):
+        self.sent.append((peer, msg))
+
+    def take(self) -> list[tuple[bytes, str, int]]:
+        out = [(peer, msg.op, msg.step) for peer, msg in self.sent]
+        self.sent = []
+        return out
+
+
+def _server(workers: int, **kwargs) -> tuple[ShardServer, FakeChannel]:
+    chan = FakeChannel()
+    server = ShardServer(chan, rank=0, workers=workers, timeout=10)
+    config = ParameterServer(**kwargs).config(workers)
+    for w in range(workers):
+        meta = {"config": config, "params": _metas(), "optimizer": _sgd_spec()}
+        tensors = {"w[0:2]": torch.zeros(2)} if w == 0 else {}
+        server.dispatch(
+            Request(b"w%d" % w, Message("register", worker=w, meta=meta, tensors=tensors), 0)
+        )
+    assert [op for _, op, _ in chan.take()] == ["params"] * workers
+    return server, chan
+
+
+def _push(server: ShardServer, worker: int, step: int, value: float = 1.0) -> None:
+    msg = Message("push", worker=worker, step=step, tensors={"w[0:2]": torch.full((2,), value)})
+    server.dispatch(Request(b"w%d" % worker, msg, 0))
+
+
+def test_server_holds_a_worker_that_runs_too_far_ahead():
+    server, chan = _server(3, mode="async", max_staleness=1)
+    _push(server, 0, 0)
+    assert chan.take() == [(b"w0", "params", 1)]  # lead 1: may go on
+    _push(server, 0, 1)
+    assert chan.take() == []  # lead 2 > 1: held
+    _push(server, 1, 0)
+    assert chan.take() == [(b"w1", "params", 3)]  # the slowest (worker 2) is still at 0
+    _push(server, 2, 0)  # now min clock is 1: worker 0 (clock 2) is released
+    assert sorted(chan.take()) == [(b"w0", "params", 4), (b"w2", "params", 4)]
+    stats = server.stats()
+    assert stats["max_lead"] == 1 and stats["gate_waits"] == 1
+    assert stats["staleness"] == {"0": 2, "2": 1, "3": 1}
+
+
+def test_server_sync_round_with_backup_worker_and_min_workers_timeout():
+    server, chan = _server(3, mode="sync", backup_workers=1)
+    _push(server, 0, 0, 1.0)
+    _push(server, 2, 0, 3.0)
+    assert sorted(chan.take()) == [(b"w0", "params", 1), (b"w2", "params", 1)]
+    assert torch.equal(server.shard.values["w[0:2]"], torch.full((2,), -1.0))  # lr .5 * mean 2
+    _push(server, 1, 0)  # late
+    assert chan.take() == [(b"w1", "params", 1)] and server.stats()["dropped_log"] == [[1, 0]]
+
+    server, chan = _server(2, mode="sync", min_workers=1)
+    _push(server, 0, 0)
+    server.check_deadlines(server.round_started + 11)  # worker 1 silent past the timeout
+    assert chan.take() == [(b"w0", "params", 1)] and server.lost == {1}
+    _push(server, 0, 1)  # the survivor goes on alone
+    assert chan.take() == [(b"w0", "params", 2)]
+
+
+def test_server_answers_bad_requests_and_goes_on():
+    server, chan = _server(2, mode="sync")
+    server.dispatch(Request(b"x", Message("shutdown", worker=0), 0))
+    server.dispatch(Request(b"x", Message("push", worker=9, step=0), 0))
+    msg = Message("push", worker=0, step=0, tensors={"w[0:2]": torch.ones(5)})
+    server.dispatch(Request(b"x", msg, 0))
+    replies = [m for _, m in chan.sent]
+    assert [m.meta["kind"] for m in replies] == ["op", "header", "shape"]
+    assert "unknown op 'shutdown'" in replies[0].meta["error"]
+    chan.sent = []
+    server, chan = _server(2, mode="sync")
+    _push(server, 0, 0)
+    server.check_deadlines(server.round_started + 11)  # no min_workers: the job must end
+    assert server.fatal and "worker(s) [1] sent no gradient" in server.fatal
+    assert chan.sent[0][1].meta["kind"] == "timeout"
