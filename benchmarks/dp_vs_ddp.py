@@ -6,11 +6,14 @@ For N = 2 and 4 worker processes (one thread each) on this host, the MLP (784-51
 and the CNN of ``concord.models``, and batch 64 and 256 per worker: each system trains for a
 fixed number of steps (SGD with momentum, cross-entropy, MNIST train preloaded in memory,
 each worker its own shard), after warm-up steps. A repeat's time is the slowest worker's;
-samples/s = N * batch * steps / time, median over the repeats. The two systems alternate
-repeat by repeat inside the same processes, so machine noise hits both alike.
+samples/s = N * batch * steps / time, median over the repeats. The systems alternate
+repeat by repeat inside the same processes, so machine noise hits them alike. A third,
+"no-comm" (each worker steps alone, no communication at all), gives the ceiling: no
+allreduce can make training faster than that, so no-comm/DDP bounds concord/DDP.
 
 ``--accuracy`` instead trains the MLP on MNIST with 2 workers (3 epochs, 1 with --quick)
-once per compression setting (None, fp16, bf16) and prints the test accuracy of each.
+once per compression setting (None, fp16, bf16, PowerSGD rank 4) and prints the test
+accuracy of each.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def _system(name: str, model_name: str, seed: int = 0):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if name == "ddp":
         return DistributedDataParallel(model), opt
+    if name == "local":  # no communication at all: the ceiling for any allreduce
+        return model, opt
     return concord.distribute(model, opt, concord.AllReduce())
 
 
@@ -71,7 +76,7 @@ def _bench(configs: list[tuple[str, int]], repeats: int, scale: float) -> dict:
     out = {}
     for model_name, batch in configs:
         steps = max(2, int(STEPS[model_name, batch] * scale))
-        systems = {name: _system(name, model_name) for name in ("ddp", "concord")}
+        systems = {name: _system(name, model_name) for name in ("ddp", "concord", "local")}
         times: dict[str, list[float]] = {name: [] for name in systems}
         cursor = {name: _run(*systems[name], x, y, batch, 3, 0) for name in systems}  # warm-up
         for _ in range(repeats):
@@ -103,7 +108,7 @@ def _accuracy(epochs: int, batch: int) -> dict:
         train.tensors[1][ctx.rank :: ctx.world_size],
     )
     out = {}
-    for compression in (None, "fp16", "bf16"):
+    for compression in (None, "fp16", "bf16", concord.PowerSGD(rank=4)):
         torch.manual_seed(0)
         model = build_model("mlp")
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -112,14 +117,16 @@ def _accuracy(epochs: int, batch: int) -> dict:
             _run(model, opt, x, y, batch, x.shape[0] // batch, epoch * (x.shape[0] // batch))
         with torch.no_grad():
             pred = model(test.tensors[0]).argmax(1)
-        out[str(compression)] = (pred == test.tensors[1]).float().mean().item()
+        low_rank = isinstance(compression, concord.PowerSGD)
+        name = f"powersgd-{compression.rank}" if low_rank else str(compression)
+        out[name] = (pred == test.tensors[1]).float().mean().item()
         model.close()
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="half the steps per repeat")
+    parser.add_argument("--quick", action="store_true", help="half the steps (1 epoch)")
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
@@ -151,13 +158,17 @@ def main(argv: list[str] | None = None) -> int:
                     "ddp_sps": r["ddp"],
                     "concord_sps": r["concord"],
                     "speedup": r["concord"] / r["ddp"],
+                    "ceiling": r["local"] / r["ddp"],
                 }
             )
-    print(f"{'N':>3} {'model':>5} {'batch':>5} {'DDP samples/s':>14} {'concord':>10} {'ratio':>7}")
+    print(
+        f"{'N':>3} {'model':>5} {'batch':>5} {'DDP samples/s':>14} {'concord':>10} "
+        f"{'concord/DDP':>12} {'no-comm/DDP':>12}"
+    )
     for r in rows:
         print(
             f"{r['world']:>3} {r['model']:>5} {r['batch']:>5} {r['ddp_sps']:>14.0f} "
-            f"{r['concord_sps']:>10.0f} {r['speedup']:>6.2f}x"
+            f"{r['concord_sps']:>10.0f} {r['speedup']:>11.2f}x {r['ceiling']:>11.2f}x"
         )
     geo = statistics.geometric_mean([r["speedup"] for r in rows])
     print(f"geometric mean concord/DDP: {geo:.2f}x")

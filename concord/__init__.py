@@ -5,6 +5,7 @@ launched like torchrun (``concord run -n 4 train.py``).
 """
 
 from concord import data
+from concord.algorithms.codecs import PowerSGD
 from concord.api import Context, distribute, init, shutdown
 from concord.errors import ConcordError, PeerTimeoutError, UsageError
 from concord.strategies.allreduce import AllReduce
@@ -21,6 +22,7 @@ __all__ = [
     "ParameterServer",
     "PeerTimeoutError",
     "Pipeline",
+    "PowerSGD",
     "Strategy",
     "UsageError",
     "data",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from concord.algorithms.codecs import codec
+from concord.algorithms.codecs import PowerSGD, PowerSGDState, codec, orthonormalize_
 
 
 def test_none_means_no_compression():
@@ -32,3 +32,42 @@ def test_roundtrip_by_hand():
 def test_unknown_codec():
     with pytest.raises(ValueError, match="fp16, bf16"):
         codec("int8")
+
+
+def test_powersgd_compresses_only_where_it_gains():
+    psgd = PowerSGD(rank=2)
+    assert not psgd.compresses((4, 4))  # 2 * (4 + 4) = 16, not < 16
+    assert psgd.compresses((8, 8))  # 32 < 64
+    assert psgd.compresses((3, 2, 5))  # n=3, m=10: 26 < 30
+    assert not psgd.compresses((100,))
+    with pytest.raises(ValueError, match="rank=0"):
+        PowerSGD(rank=0)
+
+
+def test_orthonormalize_by_hand():
+    p = torch.tensor([[3.0, 1.0, 0.0], [4.0, 2.0, 0.0]])
+    orthonormalize_(p)
+    # column 0 = (3, 4) / 5; column 1 = (1, 2) minus its projection, normalized; column 2 zero
+    assert torch.allclose(p[:, 0], torch.tensor([0.6, 0.8]))
+    assert torch.allclose(p[:, 1], torch.tensor([-0.8, 0.6]), atol=1e-6)
+    assert torch.equal(p[:, 2], torch.zeros(2))
+
+
+def test_powersgd_full_rank_is_exact_and_error_feedback_telescopes():
+    gen = torch.Generator().manual_seed(0)
+    ident = lambda t: None  # noqa: E731 - one worker: the mean of one is itself
+    m = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    state = PowerSGDState([(4, 3)], rank=3, seed=1, dtype=torch.float64)
+    got = m.clone()
+    state.reduce_([got], ident)
+    torch.testing.assert_close(got, m)  # rank 3 of a 4 x 3 matrix: nothing is lost
+    # rank 1: each step sends an approximation, keeps the rest; sent + kept = all inputs
+    state = PowerSGDState([(4, 3)], rank=1, seed=1, dtype=torch.float64)
+    inputs = [torch.randn(4, 3, generator=gen, dtype=torch.float64) for _ in range(5)]
+    sent = torch.zeros(4, 3, dtype=torch.float64)
+    for g in inputs:
+        x = g.clone()
+        state.reduce_([x], ident)
+        assert torch.linalg.matrix_rank(x) == 1
+        sent += x
+    torch.testing.assert_close(sent + state.error[0], sum(inputs))

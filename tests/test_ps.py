@@ -117,7 +117,7 @@ def _late(opt):
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize(
     ("workers", "servers", "opt_name"),
-    [(2, 1, "sgd"), (2, 2, "adam"), (4, 2, "sgd"), (4, 1, "adam")],
+    [(2, 1, "sgd"), (4, 2, "adam")],  # with the backup test (N=3, S=1, SGD) below
 )
 def test_sync_ps_equals_one_process_on_the_global_batch(workers, servers, opt_name):
     job = run_ps_job(_sync_worker, workers, servers, args=(opt_name, {"mode": "sync"}))
@@ -158,9 +158,9 @@ def _mnist_worker(strategy_kwargs: dict) -> float | None:
         nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
         nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10),
     )  # fmt: skip
-    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model, opt = concord.distribute(model, opt, concord.ParameterServer(**strategy_kwargs))
-    for x, y in concord.data.loader(concord.data.mnist("train"), batch_size=32):
+    for x, y in concord.data.loader(concord.data.mnist("train"), batch_size=128):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -180,6 +180,7 @@ def test_async_ps_trains_mnist_mlp(push, servers):
     job = run_ps_job(
         _mnist_worker, 2, servers, args=({"mode": "async", "push": push},), timeout=200
     )
+    print(f"async {push}: test accuracy {job.results[0]:.4f}")
     assert job.results[0] >= 0.95
 
 
@@ -233,21 +234,17 @@ def test_killed_async_worker_does_not_stop_the_others():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("min_workers", [None, 1])
-def test_lost_sync_worker_ends_the_job_or_survivors_go_on(min_workers):
-    kwargs = {"mode": "sync", "min_workers": min_workers}
+def test_lost_sync_worker_ends_the_job_with_an_error_naming_it():
+    """(min_workers, where the survivors go on, is tested through the server loop in
+    test_ps_rules.py: the same decision, without spending another job on it.)"""
+    kwargs = {"mode": "sync"}
 
     job = run_ps_job(
         _sync_survivor, 2, 1, args=(kwargs,), ranks=[0], victims={1: (kwargs,)},
         server_timeout=3.0,
     )  # fmt: skip
-    outcome = job.results[0]
-    if min_workers is None:
-        assert "worker(s) [1] sent no gradient to server 0 within 3s" in outcome
-        assert job.server_codes == [1]
-    else:
-        assert outcome == "finished"
-        assert "goes on with workers [0]; lost [1]" in job.server_logs[0]
+    assert "worker(s) [1] sent no gradient to server 0 within 3s" in job.results[0]
+    assert job.server_codes == [1]  # the server ends too, and the launcher ends the job
 
 
 def _sync_survivor(strategy_kwargs: dict) -> str:
@@ -280,13 +277,36 @@ def _mismatched_worker() -> str:
         model, opt = concord.distribute(model, opt, concord.ParameterServer())
     except concord.ConcordError as exc:
         return str(exc)
+    _intrude(opt.channels[0].address, ctx.secret)
+    rejected = opt.server_stats()[0]["rejected"]  # the server is still up and answering
     opt.close()
-    return "registered"
+    return f"registered; rejected {rejected.get('auth')} unauthenticated"
+
+
+def _intrude(address: str, secret: bytes) -> None:
+    """A client without the secret gets an error it cannot even verify, and no data."""
+    import zmq
+
+    from concord.comm.channel import ClientChannel
+    from concord.comm.wire import Codec, Message, WireError
+
+    intruder = ClientChannel(Codec(b"not the job secret"), address, "server 0", timeout=30)
+    with pytest.raises(WireError) as err:
+        intruder.request(Message("pull", worker=0))
+    assert err.value.kind == "auth"
+    intruder.close()
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.connect(address)
+    raw.send_multipart([b"x" * 32, b'{"op": "pull"}'])
+    assert raw.poll(30000)
+    reply = Codec(secret).decode(raw.recv_multipart())  # what came back: an error, no tensors
+    assert reply.op == "error" and reply.meta["kind"] == "auth" and not reply.tensors
+    raw.close(linger=0)
 
 
 @pytest.mark.timeout(120)
-def test_registration_mismatch_names_the_parameter():
-    job = run_ps_job(_mismatched_worker, 2, 1, grace=3)
-    assert job.results[0] == "registered"
+def test_registration_mismatch_names_the_parameter_and_intruders_get_nothing():
+    job = run_ps_job(_mismatched_worker, 2, 1, grace=1)
+    assert job.results[0] == "registered; rejected 2 unauthenticated"
     assert "parameter 'fc2.weight': worker 1 has dtype float32 shape [4, 16]" in job.results[1]
     assert "worker 0 registered dtype float32 shape [3, 16]" in job.results[1]

@@ -293,6 +293,10 @@ class FakeChannel:
     def reply(self, peer: bytes, msg: Message, track: bool = False):
         self.sent.append((peer, msg))
 
+    def reply_many(self, peers: list[bytes], msg: Message, track: bool = False):
+        self.sent.extend((peer, msg) for peer in peers)
+        return [None] * len(peers)
+
     def take(self) -> list[tuple[bytes, str, int]]:
         out = [(peer, msg.op, msg.step) for peer, msg in self.sent]
         self.sent = []
@@ -365,3 +369,22 @@ def test_server_answers_bad_requests_and_goes_on():
     server.check_deadlines(server.round_started + 11)  # no min_workers: the job must end
     assert server.fatal and "worker(s) [1] sent no gradient" in server.fatal
     assert chan.sent[0][1].meta["kind"] == "timeout"
+
+
+def test_describe_names_parameters_in_optimizer_order_with_groups():
+    from concord.strategies.ps.client import describe
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    opt = torch.optim.SGD(
+        [{"params": model[1].parameters()}, {"params": model[0].parameters(), "lr": 1.0}], lr=0.1
+    )
+    _, infos = describe(model, opt)
+    assert [(i.name, i.shape, i.dtype, i.group) for i in infos] == [
+        ("1.weight", (1, 3), "float32", 0),
+        ("1.bias", (1,), "float32", 0),
+        ("0.weight", (3, 2), "float32", 1),
+        ("0.bias", (3,), "float32", 1),
+    ]
+    stray = torch.optim.SGD([torch.nn.Parameter(torch.ones(4))], lr=0.1)
+    with pytest.raises(UsageError, match=r"optimizer parameter #0 of shape \[4\] is not a param"):
+        describe(model, stray)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Sequence
@@ -105,9 +106,11 @@ def plan_shards(
     cuts.append(total)
     shards: list[list[Piece]] = [[] for _ in range(servers)]
     for p, begin in zip(params, starts):
+        if p.nbytes == 0:  # an empty tensor still needs a home: server 0
+            shards[0].append(Piece(p.name, 0, 0, 0))
         for s in range(servers):
             lo, hi = max(begin, cuts[s]), min(begin + p.nbytes, cuts[s + 1])
-            if hi > lo or (p.nbytes == 0 and s == 0):
+            if hi > lo:
                 shards[s].append(
                     Piece(p.name, (lo - begin) // p.itemsize, (hi - begin) // p.itemsize, s)
                 )
@@ -201,11 +204,12 @@ def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     return [dict(g) for g in spec_from_optimizer(optimizer).groups]
 
 
-def _allowed_keys(name: Any) -> set[str]:
+@functools.cache
+def _allowed_keys(name: Any) -> frozenset[str]:
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r} is not allowed; choose one of {list(OPTIMIZERS)}")
     sig = inspect.signature(OPTIMIZERS[name].__init__)
-    return set(sig.parameters) - _IMPLEMENTATION_KEYS
+    return frozenset(sig.parameters) - _IMPLEMENTATION_KEYS
 
 
 def _check_value(key: str, value: Any) -> None:

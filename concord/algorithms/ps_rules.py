@@ -29,7 +29,8 @@ class RoundResult:
 class SyncAggregator:
     """One shard's synchronous rounds: wait for ``len(live) - backup_workers`` gradients.
 
-    ``push`` returns ``"counted"``, ``"complete"`` (this push filled the round; call
+    ``push`` takes ownership of the gradient tensors (the first one of each key becomes the
+    running sum) and returns ``"counted"``, ``"complete"`` (this push filled the round; call
     ``finish``) or ``"late"`` (a gradient for an old step: dropped and recorded in
     ``dropped``). Missing gradients of a contributor count as zero in the average, which
     equals one process computing the mean loss over the global batch.
@@ -84,8 +85,8 @@ class SyncAggregator:
         for key, grad in grads.items():
             if key in self._sums:
                 self._sums[key].add_(grad)
-            else:
-                self._sums[key] = grad.clone()
+            else:  # the round owns the first gradient (received memory): no copy
+                self._sums[key] = grad
         return "complete" if self.complete else "counted"
 
     def finish(self) -> RoundResult:
@@ -93,7 +94,9 @@ class SyncAggregator:
         if not self._contributors:
             raise ValueError(f"step {self.version} has no gradients to average")
         count = len(self._contributors)
-        grads = {key: total.div_(count) for key, total in self._sums.items()}
+        grads = {
+            key: total.div_(count) if count > 1 else total for key, total in self._sums.items()
+        }
         result = RoundResult(self.version, tuple(self._contributors), grads)
         self.version += 1
         self._sums, self._contributors = {}, []

@@ -110,16 +110,28 @@ class ServerChannel:
     def reply(self, peer: bytes, msg: Message, track: bool = False) -> zmq.MessageTracker | None:
         """Send ``msg`` to ``peer`` (zero-copy). With ``track`` return a tracker that is done
         when zmq no longer reads the tensors' memory. A vanished peer is logged, not raised."""
+        return self.reply_many([peer], msg, track)[0]
+
+    def reply_many(
+        self, peers: list[bytes], msg: Message, track: bool = False
+    ) -> list[zmq.MessageTracker | None]:
+        """Send the same ``msg`` to every peer, encoded (and authenticated) once."""
         frames = self.codec.encode(msg)
-        try:
-            tracker = self.socket.send_multipart([peer, *frames], copy=False, track=track)
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-            log.info("%s: peer %s is gone; dropped reply %r", self.name, peer.hex(), msg.op)
-            return None
-        self.bytes_out += sum(_nbytes(f) for f in frames)
-        return tracker
+        size = sum(_nbytes(f) for f in frames)
+        trackers = []
+        for peer in peers:
+            try:
+                trackers.append(
+                    self.socket.send_multipart([peer, *frames], copy=False, track=track)
+                )
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                log.info("%s: peer %s is gone; dropped reply %r", self.name, peer.hex(), msg.op)
+                trackers.append(None)
+                continue
+            self.bytes_out += size
+        return trackers
 
     def close(self) -> None:
         self.socket.close()

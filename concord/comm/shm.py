@@ -98,9 +98,14 @@ class ShmRing:
     """
 
     @staticmethod
-    def available() -> bool:
-        """Whether this platform qualifies: x86-64 (ordered stores), with a writable shm dir."""
-        return platform.machine().lower() in ("x86_64", "amd64") and os.access(_shm_dir(), os.W_OK)
+    def available(nbytes: int = 0) -> bool:
+        """Whether this platform qualifies (x86-64: ordered stores) with ``nbytes`` free."""
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            return False
+        if not os.access(_shm_dir(), os.W_OK):
+            return False
+        stat = os.statvfs(_shm_dir())
+        return stat.f_bavail * stat.f_frsize >= nbytes + HEADER
 
     def __init__(
         self,

@@ -29,11 +29,17 @@ import torch.distributed as dist
 from torch import nn
 
 from concord.algorithms.buckets import ParamSpec, plan_buckets
-from concord.algorithms.codecs import CODECS, codec
+from concord.algorithms.codecs import CODECS, PowerSGD, codec
 from concord.comm.shm import ShmRing
 from concord.errors import ConcordError, PeerTimeoutError, UsageError
 from concord.strategies.base import Distributed, DistributedOptimizer, Strategy
-from concord.strategies.reducer import Reducer, RingEngine, TorchEngine, check_engine_device
+from concord.strategies.reducer import (
+    LowRank,
+    Reducer,
+    RingEngine,
+    TorchEngine,
+    check_engine_device,
+)
 
 if TYPE_CHECKING:
     from concord.comm.runtime import Context
@@ -49,14 +55,15 @@ class AllReduce(Strategy):
     - ``bucket_mb``: bucket size; ``first_bucket_mb``: the first (last layers') bucket, kept
       small so communication starts early in backward;
     - ``engine``: ``"auto" | "torch" | "ring"``; ``chunk_kb``: ring pipelining piece size;
-    - ``compression``: None, ``"fp16"`` or ``"bf16"`` (cast for the wire, sums in fp32);
+    - ``compression``: None, ``"fp16"`` or ``"bf16"`` (cast for the wire, sums in fp32), or
+      ``concord.PowerSGD(rank=r)`` (low-rank with error feedback);
     - ``check_every``: every K steps, check that all replicas are bit-identical.
     """
 
     bucket_mb: float = 25.0
     first_bucket_mb: float = 1.0
     engine: str = "auto"
-    compression: str | None = None
+    compression: str | PowerSGD | None = None
     check_every: int | None = None
     chunk_kb: int = 1024
 
@@ -71,10 +78,11 @@ class AllReduce(Strategy):
             raise ValueError(
                 f"AllReduce(engine={self.engine!r}): choose one of {', '.join(ENGINES)}"
             )
-        if self.compression is not None and self.compression not in CODECS:
+        low_rank = isinstance(self.compression, PowerSGD)
+        if not (self.compression is None or low_rank or self.compression in CODECS):
             raise ValueError(
-                f"AllReduce(compression={self.compression!r}): choose None or one of "
-                f"{', '.join(CODECS)}"
+                f"AllReduce(compression={self.compression!r}): choose None, one of "
+                f"{', '.join(CODECS)}, or concord.PowerSGD(rank=...)"
             )
         for field in ("check_every", "chunk_kb"):
             value = getattr(self, field)
@@ -120,7 +128,8 @@ class AllReduce(Strategy):
         )
         dtypes = [params[b.slots[0].param].dtype for b in plan.buckets]
         prefix = f"{ctx.store_prefix}allreduce/{next(_instances)}/"
-        wire_codec = codec(self.compression)
+        low_rank = self.compression if isinstance(self.compression, PowerSGD) else None
+        wire_codec = None if low_rank else codec(self.compression)
         nbytes = RingEngine.wire_bytes(plan, dtypes, wire_codec)
         engine_name = self.resolve_engine(ctx, prefix, nbytes)
         if engine_name == "ring":
@@ -138,6 +147,12 @@ class AllReduce(Strategy):
             )
         else:
             engine = TorchEngine(plan, dtypes, ctx.device, wire_codec, ctx.world_size, ctx.timeout)
+        if low_rank is not None:
+            for b, dtype in zip(plan.buckets, dtypes):
+                shapes = [params[slot.param].shape for slot in b.slots]
+                engine.low_rank[b.index] = LowRank(
+                    b, shapes, low_rank, dtype, ctx.world_size, ctx.device
+                )
         return Reducer(params, plan, engine, ctx.world_size)
 
 

@@ -26,13 +26,53 @@ import torch.distributed as dist
 from torch import nn
 
 from concord.algorithms.buckets import Bucket, BucketPlan
-from concord.algorithms.codecs import CastCodec
+from concord.algorithms.codecs import CastCodec, PowerSGD, PowerSGDState
 from concord.algorithms.ring import ring_allreduce
 from concord.comm.shm import ShmRing
 from concord.errors import PeerTimeoutError, UsageError
 
 Fill = Callable[[torch.Tensor], None]
 Unpack = Callable[[torch.Tensor, bool], None]
+
+
+class LowRank:
+    """PowerSGD on one bucket's flat buffer: matrices low-rank in place, the rest summed as is.
+
+    ``sum_(flat)`` sums a 1-D tensor across workers in place (the engine's allreduce).
+    """
+
+    def __init__(
+        self,
+        bucket: Bucket,
+        shapes: Sequence[torch.Size],
+        codec: PowerSGD,
+        dtype: torch.dtype,
+        world: int,
+        device: torch.device,
+    ) -> None:
+        self.world = world
+        self.mats, self.plain, dims = [], [], []
+        for slot, shape in zip(bucket.slots, shapes):
+            if codec.compresses(tuple(shape)):
+                n = shape[0]
+                self.mats.append((slot.offset, n, slot.numel // n))
+                dims.append((n, slot.numel // n))
+            else:
+                self.plain.append((slot.offset, slot.numel))
+        self.grad_numel = sum(k for _, k in self.plain)
+        self.plain.append((bucket.grad_numel, len(bucket.slots)))  # presence flags: a sum
+        self.state = PowerSGDState(dims, codec.rank, 7919 + bucket.index, dtype, device)
+
+    def reduce_(self, flat: torch.Tensor, sum_: Callable[[torch.Tensor], None]) -> None:
+        rest = torch.cat([flat[a : a + k] for a, k in self.plain])
+        sum_(rest)
+        rest[: self.grad_numel].div_(self.world)
+        offset = 0
+        for a, k in self.plain:
+            flat[a : a + k].copy_(rest[offset : offset + k])
+            offset += k
+        mats = [flat[a : a + n * m].view(n, m) for a, n, m in self.mats]
+        self.state.reduce_(mats, lambda t: (sum_(t), t.div_(self.world)))
 
 
 class TorchEngine:
@@ -54,10 +94,14 @@ class TorchEngine:
             torch.empty(b.numel, dtype=dt, device=device) for b, dt in zip(plan.buckets, dtypes)
         ]
         self.wire = [f if codec is None else f.to(codec.wire_for(f.dtype)) for f in self.flat]
+        self.low_rank: dict[int, LowRank] = {}
 
     def start(self, bucket: Bucket, fill: Fill, unpack: Unpack) -> Callable[[], None]:
         flat, wire = self.flat[bucket.index], self.wire[bucket.index]
         fill(flat)
+        if bucket.index in self.low_rank:  # two dependent rounds: done here, synchronously
+            self.low_rank[bucket.index].reduce_(flat, dist.all_reduce)
+            return lambda: unpack(flat, True)
         if wire is not flat:
             flat[: bucket.grad_numel].div_(self.world)
             wire.copy_(flat)
@@ -114,10 +158,12 @@ class RingEngine:
         chunk_bytes: int,
     ) -> None:
         self.ring, self.world, self.codec = ring, world, codec
-        self.regions, self.acc, self.chunks = [], [], []
+        self.regions, self.acc, self.chunks, self.offsets = [], [], [], []
+        self.low_rank: dict[int, LowRank] = {}
         offset = 0
         for bucket, dtype in zip(plan.buckets, dtypes):
             wire_dtype = dtype if codec is None else codec.wire_for(dtype)
+            self.offsets.append(offset)
             self.regions.append(ring.region(offset, bucket.numel, wire_dtype))
             size = torch.empty((), dtype=wire_dtype).element_size()
             offset += -(-bucket.numel * size // 64) * 64
@@ -146,10 +192,19 @@ class RingEngine:
     def _reduce(self, bucket: Bucket, fill: Fill, unpack: Unpack) -> None:
         acc = self.acc[bucket.index]
         fill(acc)
+        if bucket.index in self.low_rank:
+            self.low_rank[bucket.index].reduce_(acc, lambda t: self._sum(bucket.index, t))
+            unpack(acc, True)
+            return
         if self.codec is not None:
             acc[: bucket.grad_numel].div_(self.world)
         result = ring_allreduce(self.regions[bucket.index], acc, self.chunks[bucket.index])
         unpack(result, self.codec is not None)
+
+    def _sum(self, index: int, flat: torch.Tensor) -> None:
+        """Sum ``flat`` (no longer than bucket ``index``) across the ring, in place."""
+        region = self.ring.region(self.offsets[index], flat.numel(), flat.dtype)
+        flat.copy_(ring_allreduce(region, flat, self.chunks[index]))
 
     def start(self, bucket: Bucket, fill: Fill, unpack: Unpack) -> Callable[[], None]:
         job = _Job(lambda: self._reduce(bucket, fill, unpack))
@@ -192,6 +247,8 @@ class Reducer:
         def hook(_param: torch.Tensor) -> None:
             if self.enabled:
                 self._ready(index)
+            else:  # a local gradient after this step's reduction: step() must reduce again
+                self._synced = False
 
         return hook
 
@@ -199,9 +256,9 @@ class Reducer:
         bucket = self.plan.bucket_of[index]
         if self._waits[bucket] is not None:
             raise UsageError(
-                f"parameter {index} got a gradient after its bucket {bucket} was already "
-                "reduced in this step: backward() ran twice before optimizer.step(); wrap all "
-                "but the last backward of an accumulation in `with model.no_sync():`"
+                f"parameter {index} got a second gradient in one backward pass, after its "
+                f"bucket {bucket} was launched (a reentrant backward, e.g. activation "
+                "checkpointing with use_reentrant=True); use use_reentrant=False"
             )
         if not self._callback_queued:
             self._callback_queued, self._synced = True, False

@@ -141,7 +141,7 @@ class PSOptimizer(DistributedOptimizer):
             metas = [
                 piece_meta(pc, info.shape, info.dtype, info.group) for pc, _, info in self._slots[s]
             ]
-            tensors = {pc.key: _flat(p)[pc.start : pc.stop] for pc, p, _ in self._slots[s]}
+            tensors = {pc.key: _flat(p)[pc.start : pc.stop].cpu() for pc, p, _ in self._slots[s]}
             meta = {"config": config, "params": metas, "optimizer": spec}
             chan.send(
                 Message(
@@ -157,6 +157,7 @@ class PSOptimizer(DistributedOptimizer):
         """Push this worker's gradients (or parameter change) and load the new parameters."""
         if closure is not None:
             raise ValueError("concord optimizers do not take a closure; call backward() first")
+        self._check_open()
         delta = self.strategy.push == "delta"
         if delta:
             self.optimizer.step()
@@ -170,12 +171,14 @@ class PSOptimizer(DistributedOptimizer):
 
     def synchronize(self) -> None:
         """Load the servers' latest parameters."""
+        self._check_open()
         for chan in self.channels:
             chan.send(Message("pull", worker=self.rank))
         self._collect("parameters (pull)", 2 * self.timeout + 5)
 
     def server_stats(self) -> list[dict[str, Any]]:
         """Each server's stats: version, staleness/lead histograms, bytes, dropped gradients."""
+        self._check_open()
         return [
             chan.request(Message("stats", worker=self.rank), awaiting="stats").meta
             for chan in self.channels
@@ -184,6 +187,12 @@ class PSOptimizer(DistributedOptimizer):
     def close(self) -> None:
         """Say goodbye to the servers (also done at exit); the optimizer is unusable after."""
         self._finalizer()
+
+    def _check_open(self) -> None:
+        if not self._finalizer.alive:
+            raise ProtocolError(
+                "this optimizer said goodbye to the servers (close()); no more steps"
+            )
 
     # -- pieces -----------------------------------------------------------------------------
     def _grads(self, s: int) -> dict[str, torch.Tensor]:

@@ -83,8 +83,11 @@ class ParameterServer(Strategy):
         return "ps-async" if self.push == "grad" else "ps-async-delta"
 
     def config(self, workers: int) -> dict[str, Any]:
-        """What every server shard is told at registration (checked equal on all workers)."""
-        return asdict(self) | {"workers": workers}
+        """What every server shard is told at registration (checked equal on all workers;
+        ``servers`` is left out: None and the job's count mean the same)."""
+        settings = asdict(self)
+        del settings["servers"]
+        return settings | {"workers": workers}
 
     def check_job(self, ctx: Context) -> int:
         """The number of servers, after checking this strategy against the job ``ctx``."""

@@ -3,9 +3,11 @@
 ``concord run -n 4 --servers 2 train.py`` starts two of these next to the four workers, with
 ``CONCORD_ROLE=server``, ``RANK`` = server index, ``WORLD_SIZE`` = number of workers,
 ``CONCORD_SERVERS``, ``MASTER_ADDR``/``MASTER_PORT`` (the job's store), ``CONCORD_SECRET`` and
-``CONCORD_TIMEOUT``. The server binds a ZeroMQ ROUTER port, publishes ``tcp://host:port`` in
+``CONCORD_TIMEOUT`` (and optionally ``CONCORD_SERVER_THREADS``, torch threads, default 1).
+The server binds a ZeroMQ ROUTER port, publishes ``tcp://host:port`` in
 the store under ``concord/<attempt>/server/<rank>/addr`` and serves until every worker has said
-goodbye (or was lost), or the launcher stops it. It never runs user code.
+goodbye (or was lost); under ``concord run`` it serves until the launcher stops it after the
+workers exited. It never runs user code.
 
 Operations (all authenticated, see :mod:`concord.comm.wire`): ``register`` (worker 0 sends
 the initial pieces and the optimizer spec; others are checked against it), ``push`` (a
@@ -29,8 +31,11 @@ from collections import Counter
 from dataclasses import fields
 from typing import Any
 
+import torch
+
 from concord.algorithms.ps_rules import StalenessClock, SyncAggregator
 from concord.comm.channel import Request, ServerChannel
+from concord.comm.rendezvous import read_env
 from concord.comm.runtime import init
 from concord.comm.wire import Codec, Message, WireError, error_message
 from concord.strategies.ps.config import ParameterServer
@@ -44,8 +49,16 @@ _DROPPED_LOG = 1000
 class ShardServer:
     """The request loop of one shard (single-threaded: every state change happens here)."""
 
-    def __init__(self, channel: ServerChannel, rank: int, workers: int, timeout: float) -> None:
+    def __init__(
+        self,
+        channel: ServerChannel,
+        rank: int,
+        workers: int,
+        timeout: float,
+        exit_when_done: bool = True,
+    ) -> None:
         self.chan, self.rank, self.workers, self.timeout = channel, rank, workers, timeout
+        self.exit_when_done = exit_when_done
         self.shard = Shard(rank)
         self.strategy: ParameterServer | None = None
         self.sync: SyncAggregator | None = None
@@ -66,9 +79,17 @@ class ShardServer:
 
     # -- the loop ---------------------------------------------------------------------------
     def serve(self) -> int:
-        """Serve until every worker is done or lost; 1 if a sync step could not complete."""
+        """Serve until every worker is done or lost (or, with ``exit_when_done`` False, until
+        stopped); 1 if a sync step could not complete."""
         next_log = time.monotonic() + STATS_EVERY
-        while not self.finished():
+        said_done = False
+        while True:
+            if self.finished() and not said_done:
+                said_done = True
+                if self.exit_when_done:
+                    break
+                self.log_stats()
+                log.info("server %d: every worker is done; serving until stopped", self.rank)
             req = self.chan.poll(timeout=0.25)
             if req is not None:
                 self.dispatch(req)
@@ -118,13 +139,14 @@ class ShardServer:
             )
             self.chan.reply(req.peer, error_message(kind, str(exc)))
 
-    def reply_params(self, peer: bytes, copy: bool = True) -> None:
+    def reply_params(self, peers: bytes | list[bytes], copy: bool = True) -> None:
+        """Send the shard to ``peers``; ``copy=False`` (sync) sends the live tensors, tracked
+        so the next update waits until zmq has read them."""
+        peers = [peers] if isinstance(peers, bytes) else peers
         values = self.shard.snapshot(copy=copy)
-        tracker = self.chan.reply(
-            peer, Message("params", step=self.shard.version, tensors=values), track=not copy
-        )
-        if tracker is not None and not copy:
-            self.trackers.append(tracker)
+        msg = Message("params", step=self.shard.version, tensors=values)
+        trackers = self.chan.reply_many(peers, msg, track=not copy)
+        self.trackers.extend(t for t in trackers if t is not None and not copy)
 
     # -- operations -------------------------------------------------------------------------
     def on_register(self, req: Request) -> None:
@@ -216,8 +238,7 @@ class ShardServer:
         self.shard.apply_grads(result.grads)
         self.counts["applied"] += 1
         self.round_started = None
-        for worker in result.contributors:
-            self.reply_params(self.waiting.pop(worker), copy=False)
+        self.reply_params([self.waiting.pop(w) for w in result.contributors], copy=False)
 
     def _wait_trackers(self) -> None:
         """Parameters are about to change in place: let zmq finish sending the last replies."""
@@ -245,11 +266,11 @@ class ShardServer:
     def _release(self) -> None:
         """Answer every held push whose worker may now go on (lead <= max_staleness)."""
         assert self.clock is not None
-        for worker, peer in list(self.gated.items()):
-            if self.clock.may_proceed(worker):
-                self.lead[self.clock.lead(worker)] += 1
-                del self.gated[worker]
-                self.reply_params(peer)
+        released = [w for w in self.gated if self.clock.may_proceed(w)]
+        for worker in released:
+            self.lead[self.clock.lead(worker)] += 1
+        if released:
+            self.reply_params([self.gated.pop(w) for w in released])
 
     def on_pull(self, req: Request) -> None:
         self._registered(req)
@@ -294,8 +315,9 @@ class ShardServer:
             if now - self.round_started > self.timeout:
                 self._round_timeout()
         if self.clock is not None and (self.gated or self.done):
-            for worker in list(self.clock.clock):
-                if now - self.last_seen.get(worker, self.started) > self.timeout:
+            for worker in list(self.clock.clock):  # (a held worker is waiting on us)
+                silent = now - self.last_seen.get(worker, self.started)
+                if worker not in self.gated and silent > self.timeout:
                     self.lost.add(worker)
                     log.warning(
                         "server %d: lost worker %d (silent for %gs); the others go on",
@@ -396,6 +418,8 @@ def main() -> int:
     """Run one server shard from the env contract; the exit code is the job's verdict."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # element-wise updates gain little from threads and oversubscribed cores hurt them badly
+    torch.set_num_threads(int(os.environ.get("CONCORD_SERVER_THREADS", "1")))
     ctx = init()
     if ctx.role != "server":
         log.error("concord.strategies.ps.server runs with CONCORD_ROLE=server, got %r", ctx.role)
@@ -407,8 +431,11 @@ def main() -> int:
     log.info(
         "server %d of %d: serving %d workers on %s", ctx.rank, ctx.servers, ctx.world_size, address
     )
+    # under concord run (the launcher hosts the store) the launcher stops the servers once the
+    # workers exited; started by hand (torchrun, srun, tests) a server exits when all are done
+    exit_when_done = not read_env().agent_store
     try:
-        return ShardServer(chan, ctx.rank, ctx.world_size, ctx.timeout).serve()
+        return ShardServer(chan, ctx.rank, ctx.world_size, ctx.timeout, exit_when_done).serve()
     finally:
         chan.close()
 

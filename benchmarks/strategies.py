@@ -1,0 +1,128 @@
+"""MNIST training throughput: sync PS, async PS and AllReduce at N = 2 and 4, S = 1 and 2.
+
+    flock /tmp/concord-bench.lock .venv/bin/python benchmarks/strategies.py [--quick]
+
+Each configuration is one ``concord run -n N [--servers S]`` job on this host: every worker
+(one thread) trains the MLP (784-512-256-128-10, SGD with momentum, batch 64 per worker,
+MNIST preloaded, its own shard) for ``--warmup`` steps, then ``--steps`` timed steps
+(loading, forward, backward, step). A job's samples/s = N * batch / (the slowest worker's
+median step time); with ``--repeats`` > 1 the median over jobs is reported. All
+configurations run in the same invocation, so the ratio "sync PS (S=2) / AllReduce at N=4"
+compares peers under the same machine load.
+``--quick``: N=4 only (AllReduce, sync PS S=2, async PS S=2), fewer steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MARK = "STRATEGIES_RESULT "
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One worker of a benchmark job (started by ``concord run``)."""
+    import torch
+    from torch.nn import functional as F
+
+    import concord
+    from concord.models import build_model
+
+    torch.set_num_threads(1)
+    ctx = concord.init()
+    torch.manual_seed(0)
+    model = build_model("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if args.strategy == "allreduce":
+        strategy = concord.AllReduce()
+    else:
+        strategy = concord.ParameterServer(mode=args.strategy.removeprefix("ps-"))
+    model, opt = concord.distribute(model, opt, strategy, ctx=ctx)
+    data = concord.data.mnist("train")
+    batches = iter(concord.data.loader(data, batch_size=args.batch, rank=ctx.rank))
+    times = []
+    for _ in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        x, y = next(batches)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    if hasattr(opt, "close"):
+        opt.close()
+    step = statistics.median(times[args.warmup :])
+    print(MARK + json.dumps({"rank": ctx.rank, "seconds": step}), flush=True)
+    concord.shutdown()
+
+
+def run_job(strategy: str, workers: int, servers: int, args: argparse.Namespace) -> float:
+    """samples/s of one job: N * batch / the slowest worker's median step time."""
+    cmd = [sys.executable, "-m", "concord.cli", "run", "-n", str(workers)]
+    if servers:
+        cmd += ["--servers", str(servers)]
+    cmd += [__file__, "--worker", "--strategy", strategy, "--steps", str(args.steps)]
+    cmd += ["--warmup", str(args.warmup), "--batch", str(args.batch)]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    times = [
+        json.loads(line.split(MARK, 1)[1])["seconds"]
+        for line in proc.stdout.splitlines()
+        if MARK in line
+    ]
+    if proc.returncode != 0 or len(times) != workers:
+        raise RuntimeError(
+            f"{strategy} N={workers} S={servers} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return workers * args.batch / max(times)
+
+
+def configs(quick: bool) -> list[tuple[str, int, int]]:
+    if quick:
+        return [("allreduce", 4, 0), ("ps-sync", 4, 2), ("ps-async", 4, 2)]
+    out = []
+    for n in (2, 4):
+        out.append(("allreduce", n, 0))
+        for s in (1, 2):
+            out += [("ps-sync", n, s), ("ps-async", n, s)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--strategy", default="allreduce", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    if args.quick:
+        args.steps = 50
+    rows = []
+    print(f"{'strategy':<10} {'N':>2} {'S':>2} {'samples/s':>10}", flush=True)
+    for strategy, n, s in configs(args.quick):
+        rate = statistics.median(run_job(strategy, n, s, args) for _ in range(args.repeats))
+        rows.append({"strategy": strategy, "workers": n, "servers": s, "samples_per_s": rate})
+        print(f"{strategy:<10} {n:>2} {s or '-':>2} {rate:10.0f}", flush=True)
+    rate = {(r["strategy"], r["workers"], r["servers"]): r["samples_per_s"] for r in rows}
+    ratio = rate[("ps-sync", 4, 2)] / rate[("allreduce", 4, 0)]
+    print(f"sync PS (S=2) / AllReduce at N=4: {ratio:.2f} (goal >= 0.9)")
+    summary = {"benchmark": "strategies", "steps": args.steps, "repeats": args.repeats}
+    print(json.dumps(summary | {"results": rows, "sync_ps_s2_vs_allreduce_n4": ratio}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
