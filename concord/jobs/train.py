@@ -52,7 +52,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--momentum", type=float, default=0.9)
     add("--seed", type=int, default=0)
     add("--data", default="local", help="local | central | dfs:URL | p2p")
-    add("--engine", default="auto", help="AllReduce engine: auto | torch | ring")
+    add("--engine", default="auto", choices=("auto", "torch", "ring"), help="AllReduce engine")
+    add(
+        "--compression",
+        default="none",
+        choices=("none", "fp16", "bf16", "powersgd"),
+        help="AllReduce gradient compression on the wire",
+    )
     add("--max-staleness", type=int, default=None, help="ps-async: bound on version lead")
     add("--backup-workers", type=int, default=0, help="ps-sync: gradients not waited for")
     add("--stages", type=int, default=3, help="pipeline stages P")
