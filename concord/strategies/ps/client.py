@@ -129,6 +129,7 @@ class PSOptimizer(DistributedOptimizer):
         self._slots = [[(pc, *by_name[pc.name]) for pc in shard] for shard in shards]
         self.channels = channels
         self.versions = [0] * len(channels)
+        self.steps = 0  # pushes made; a sync push is labelled with it (see step())
         self._base: dict[str, torch.Tensor] = {}
         self._hp_sent: list[dict[str, Any]] | None = None
         self._finalizer = weakref.finalize(self, _goodbye, channels, ctx.rank)
@@ -162,12 +163,16 @@ class PSOptimizer(DistributedOptimizer):
         if delta:
             self.optimizer.step()
         meta = {} if delta else self._hp_meta()
+        sync = self.strategy.mode == "sync"
         for s, chan in enumerate(self.channels):
             tensors = self._deltas(s) if delta else self._grads(s)
-            chan.send(
-                Message("push", worker=self.rank, step=self.versions[s], meta=meta, tensors=tensors)
-            )
+            # sync: round t takes every worker's t-th push, so all workers make the same
+            # number of steps (an epoch) and a late push is dropped, never waited for;
+            # async: the version the gradient was computed on (its staleness)
+            label = self.steps if sync else self.versions[s]
+            chan.send(Message("push", worker=self.rank, step=label, meta=meta, tensors=tensors))
         self._collect("new parameters after a push", 2 * self.timeout + 5)
+        self.steps += 1
 
     def synchronize(self) -> None:
         """Load the servers' latest parameters."""
