@@ -204,11 +204,11 @@ def test_central_delivers_the_same_batches_as_local(server):
 def test_missing_server_is_a_clear_error():
     import torch.distributed as dist
 
-    from concord.data.central import wait_for_key
+    from concord.comm.discovery import wait_for_address
     from concord.data.sources import make_loader
     from concord.errors import PeerTimeoutError, UsageError
 
     with pytest.raises(UsageError, match=r"call concord.init\(\)"):
         make_loader("central", rank=0, world=1, batch_size=4, seed=0)
     with pytest.raises(PeerTimeoutError, match="data server 0 did not publish its address"):
-        wait_for_key(dist.HashStore(), "concord/0/data/0/addr", "data server 0", timeout=0.2)
+        wait_for_address(dist.HashStore(), "concord/0/data/0/addr", "data server 0", timeout=0.2)

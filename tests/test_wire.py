@@ -15,6 +15,7 @@ from concord.comm.wire import (
     DTYPES,
     MAC_BYTES,
     PROTOCOL_VERSION,
+    SEGMENT_BYTES,
     Codec,
     Message,
     WireError,
@@ -94,6 +95,27 @@ def test_any_flipped_byte_fails_the_mac(data):
     assert err.value.kind == "auth"
 
 
+def test_multi_segment_frame_is_authenticated_and_decoded_in_place():
+    codec = Codec(SECRET)
+    big = torch.arange(3 * SEGMENT_BYTES // 4 + 5, dtype=torch.float32)  # 3 MiB + 20 bytes
+    frames = [bytearray(bytes(f)) for f in codec.encode(Message("x", tensors={"big": big}))]
+    assert len(frames) == 3  # mac, header, one frame: the tensor is not chunked
+    got = codec.decode(frames).tensors["big"]
+    assert torch.equal(got, big)
+    got[0] = -1.0  # the decoded tensor is the received frame's memory, not a copy
+    assert frames[2][:4] == bytes(torch.tensor([-1.0]).numpy())
+    frames[2][:4] = bytes(big[:1].numpy())
+    frames[2][2 * SEGMENT_BYTES + 7] ^= 1  # one bit in the third segment
+    with pytest.raises(WireError, match="bad MAC"):
+        codec.decode(frames)
+
+
+def test_mac_binds_frame_boundaries():
+    header = b"{}"
+    assert compute_mac(SECRET, header, [b"ab", b"c"]) != compute_mac(SECRET, header, [b"a", b"bc"])
+    assert compute_mac(SECRET, header, [b"abc"]) != compute_mac(SECRET, header, [b"abc", b""])
+
+
 @FUZZ
 @given(junk=st.lists(st.binary(max_size=80), min_size=0, max_size=5))
 def test_random_frames_are_rejected_never_parsed(junk):
@@ -110,7 +132,8 @@ def test_other_secret_is_rejected():
 
 def test_wrong_version_is_rejected_after_the_mac():
     frames = _sign(_header(version=PROTOCOL_VERSION + 1), [bytes(16)])
-    with pytest.raises(WireError, match="protocol version 2, expected 1") as err:
+    wanted = f"protocol version {PROTOCOL_VERSION + 1}, expected {PROTOCOL_VERSION}"
+    with pytest.raises(WireError, match=wanted) as err:
         Codec(SECRET).decode(frames)
     assert err.value.kind == "version"
 

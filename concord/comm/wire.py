@@ -6,10 +6,11 @@ A message travels as ZeroMQ frames ``[mac, header, buf0, buf1, ...]``:
   where each buffer entry is ``{"key", "dtype", "shape", "chunks"}`` and ``meta`` is a small
   JSON map for the caller's own fields. Nothing is ever unpickled.
 - each tensor travels as its raw bytes, split into ``chunks`` frames of at most
-  ``chunk_bytes`` (4 MiB by default; one 64 MB zmq frame measured 2-3x slower than 4 MB ones).
-- ``mac`` is ``HMAC-SHA256(secret, TAG || len(header) || header || n || SHA256(buf_1) || ...
-  || SHA256(buf_n))``: an HMAC over every frame, where large frames are first digested with
-  SHA-256 (in parallel threads; hashlib releases the GIL) so a big message is not hashed on one
+  ``chunk_bytes`` (256 MiB by default, so most tensors are one frame and decode without a copy).
+- ``mac`` is ``HMAC-SHA256(secret, TAG || len(header) || header || n || F_1 || ... || F_n)``
+  where ``F_i = len(buf_i) || SHA256(seg_1) || SHA256(seg_2) || ...`` over the 1 MiB segments
+  of frame ``i``: an HMAC over every byte of every frame, whose segments are digested with
+  SHA-256 in parallel threads (hashlib releases the GIL) so a big message is not hashed on one
   core. The receiver checks it in constant time *before* it parses anything.
 
 Checks on receipt (each a :class:`WireError` with a ``kind``): frame count and sizes, the MAC,
@@ -36,13 +37,14 @@ import torch
 
 from concord.errors import PeerTimeoutError, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAC_BYTES = 32
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 256 << 20
 MAX_HEADER_BYTES = 1 << 20
 DEFAULT_MAX_BYTES = 4 << 30
-_TAG = b"concord-wire/1"
-_PARALLEL_HASH_BYTES = 1 << 20  # frames at least this big are digested in worker threads
+_TAG = b"concord-wire/2"
+SEGMENT_BYTES = 1 << 20  # frames are digested in segments of this size, in parallel threads
+_PARALLEL_BYTES = 4 << 20  # smaller messages hash faster on this thread than in the pool
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -125,15 +127,27 @@ def _digest(buf: Any) -> bytes:
 
 
 def compute_mac(secret: bytes, header: Any, buffers: Sequence[Any]) -> bytes:
-    """HMAC-SHA256 over the header and the SHA-256 digests of every buffer frame."""
+    """HMAC-SHA256 over the header and, per buffer frame, its length and the SHA-256
+    digests of its :data:`SEGMENT_BYTES` segments (digested in parallel threads)."""
     mac = hmac.new(secret, _TAG, hashlib.sha256)
     mac.update(len(header).to_bytes(8, "little"))
     mac.update(header)
     mac.update(len(buffers).to_bytes(8, "little"))
-    big = sum(1 for b in buffers if _len(b) >= _PARALLEL_HASH_BYTES)
-    digests = list(_pool().map(_digest, buffers)) if big > 1 else map(_digest, buffers)
-    for digest in digests:
-        mac.update(digest)
+    segments: list[Any] = []
+    counts = []
+    for buf in buffers:
+        view = _view(buf)
+        parts = [view[i : i + SEGMENT_BYTES] for i in range(0, view.nbytes, SEGMENT_BYTES)]
+        segments.extend(parts)
+        counts.append((view.nbytes, len(parts)))
+    if sum(_len(s) for s in segments) >= _PARALLEL_BYTES:
+        digests = iter(list(_pool().map(_digest, segments)))
+    else:
+        digests = map(_digest, segments)
+    for nbytes, count in counts:
+        mac.update(nbytes.to_bytes(8, "little"))
+        for _ in range(count):
+            mac.update(next(digests))
     return mac.digest()
 
 

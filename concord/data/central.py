@@ -16,7 +16,6 @@ Start the server with ``concord run --data-server mnist ...`` (see ``concord.dat
 from __future__ import annotations
 
 import os
-import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,13 +26,15 @@ import torch.distributed as dist
 
 from concord.algorithms.assign import num_batches
 from concord.comm.channel import ClientChannel
+from concord.comm.discovery import wait_for_address
 from concord.comm.rendezvous import connect_store, read_env
 from concord.comm.runtime import DEFAULT_TIMEOUT, Context, current
 from concord.comm.wire import Codec, Message, WireError
 from concord.data.sampler import ShardedSampler
-from concord.errors import PeerTimeoutError, UsageError
+from concord.errors import UsageError
 
 PEER = "data server 0"
+START_HINT = "start the job with `concord run --data-server mnist ...` and check its log"
 #: the store key (after the attempt prefix) where data server ``index`` publishes its address
 ADDR_KEY = "data/{index}/addr"
 Batch = tuple[torch.Tensor, ...]
@@ -46,21 +47,6 @@ class DatasetInfo:
     name: str
     num_samples: int
     fields: tuple[str, ...]
-
-
-def wait_for_key(store: Any, key: str, peer: str, timeout: float) -> str:
-    """The value of ``key`` in the rendezvous store once ``peer`` has published it."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while not store.check([key]):
-        if time.monotonic() > deadline:
-            raise PeerTimeoutError(
-                f"{peer} did not publish its address (store key {key!r}) within {timeout:g}s; "
-                "start the job with `concord run --data-server mnist ...` and check its log"
-            )
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
-    return store.get(key).decode()
 
 
 def _job_store(ctx: Context, timeout: float) -> Any:
@@ -92,7 +78,8 @@ class DataClient:
             raise UsageError("call concord.init() before connecting to the data server")
         timeout = ctx.timeout if timeout is None else timeout
         store = _job_store(ctx, timeout)
-        address = wait_for_key(store, ctx.store_prefix + ADDR_KEY.format(index=0), PEER, timeout)
+        key = ctx.store_prefix + ADDR_KEY.format(index=0)
+        address = wait_for_address(store, key, PEER, timeout, START_HINT)
         return cls(address, ctx.secret, timeout)
 
     def info(self) -> DatasetInfo:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from concord.comm.channel import Request, ServerChannel
+from concord.comm.discovery import bind_hosts, publish_address
 from concord.comm.wire import Codec, Message, error_message
 from concord.data.central import ADDR_KEY
 
@@ -142,16 +143,6 @@ class DataServer:
         self.channel.close()
 
 
-def bind_host(master_addr: str) -> tuple[str, str]:
-    """(interface to bind, host to publish): loopback stays local, else all interfaces.
-
-    The data server runs on node 0, whose address every process already knows as MASTER_ADDR.
-    """
-    if master_addr in ("127.0.0.1", "localhost", "::1"):
-        return "127.0.0.1", "127.0.0.1"
-    return "*", master_addr
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m concord.data.server NAME``: the data role of ``concord run --data-server``."""
     from concord.comm.runtime import init
@@ -165,15 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     ctx = init()
     data = named_dataset(args.name)
-    interface, public = bind_host(ctx.master_addr)
+    hosts = bind_hosts(ctx.master_addr)
     server = DataServer(
-        data.tensors, Codec(ctx.secret), host=interface, max_batch=args.max_batch, name=args.name
+        data.tensors, Codec(ctx.secret), host=hosts.bind, max_batch=args.max_batch, name=args.name
     )
-    address = f"tcp://{public}:{server.channel.port}"
+    address = hosts.url(server.channel.port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    ctx.store.set(ctx.store_prefix + ADDR_KEY.format(index=0), address)
+    publish_address(ctx.store, ctx.store_prefix + ADDR_KEY.format(index=0), address)
     log.info("data server: %s (%d samples) at %s", args.name, server.num_samples, address)
     try:
         server.serve(stop)

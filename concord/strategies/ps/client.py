@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -34,8 +33,9 @@ from concord.algorithms.ps_plan import (
     spec_from_optimizer,
 )
 from concord.comm.channel import ClientChannel
+from concord.comm.discovery import wait_for_address
 from concord.comm.wire import Codec, Message, dtype_name
-from concord.errors import PeerTimeoutError, ProtocolError, UsageError
+from concord.errors import ProtocolError, UsageError
 from concord.strategies.allreduce import broadcast_state
 from concord.strategies.base import DistributedOptimizer
 from concord.strategies.ps.config import ParameterServer
@@ -73,20 +73,6 @@ def describe(
     return params, infos
 
 
-def server_address(ctx: Any, server: int) -> str:
-    """Wait (up to the job timeout) for server ``server`` to publish its address."""
-    key = f"{ctx.store_prefix}server/{server}/addr"
-    try:
-        ctx.store.wait([key], timedelta(seconds=ctx.timeout))
-        return ctx.store.get(key).decode()
-    except (RuntimeError, TimeoutError) as exc:
-        raise PeerTimeoutError(
-            f"worker {ctx.rank}: server {server} did not publish its address (store key "
-            f"{key!r}) within {ctx.timeout:g}s; did the job start with concord run --servers "
-            f"{ctx.servers}, and did server {server} start? ({exc})"
-        ) from None
-
-
 def connect(
     strategy: ParameterServer,
     model: nn.Module,
@@ -100,10 +86,12 @@ def connect(
     spec = spec_from_optimizer(optimizer).to_json() if strategy.push == "grad" else None
     plan = plan_shards(infos, servers)
     codec = Codec(ctx.secret)
-    channels = [
-        ClientChannel(codec, server_address(ctx, s), f"server {s}", ctx.timeout)
-        for s in range(servers)
-    ]
+    hint = f"did the job start with concord run --servers {servers}, and did it start?"
+    channels = []
+    for s in range(servers):
+        key = f"{ctx.store_prefix}server/{s}/addr"
+        address = wait_for_address(ctx.store, key, f"server {s}", ctx.timeout, hint)
+        channels.append(ClientChannel(codec, address, f"server {s}", ctx.timeout))
     opt = PSOptimizer(optimizer, strategy, ctx, params, infos, plan.shards, channels)
     opt.register(spec)
     return opt

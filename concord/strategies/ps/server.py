@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections import Counter
@@ -35,6 +34,7 @@ import torch
 
 from concord.algorithms.ps_rules import StalenessClock, SyncAggregator
 from concord.comm.channel import Request, ServerChannel
+from concord.comm.discovery import bind_hosts, publish_address
 from concord.comm.rendezvous import read_env
 from concord.comm.runtime import init
 from concord.comm.wire import Codec, Message, WireError, error_message
@@ -403,17 +403,6 @@ def _strategy(config: dict[str, Any]) -> ParameterServer:
         raise WireError("config", f"bad ParameterServer settings {config}: {exc}") from None
 
 
-def _hosts(master_addr: str) -> tuple[str, str]:
-    """(bind host, advertised host): loopback jobs stay on 127.0.0.1."""
-    if os.environ.get("CONCORD_HOST"):
-        return os.environ["CONCORD_HOST"], os.environ["CONCORD_HOST"]
-    if master_addr in ("127.0.0.1", "localhost", "::1"):
-        return "127.0.0.1", "127.0.0.1"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # sends nothing
-        probe.connect((master_addr, 9))
-        return "0.0.0.0", probe.getsockname()[0]
-
-
 def main() -> int:
     """Run one server shard from the env contract; the exit code is the job's verdict."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -424,10 +413,10 @@ def main() -> int:
     if ctx.role != "server":
         log.error("concord.strategies.ps.server runs with CONCORD_ROLE=server, got %r", ctx.role)
         return 2
-    bind, advertise = _hosts(ctx.master_addr)
-    chan = ServerChannel(Codec(ctx.secret), host=bind, name=f"server {ctx.rank}")
-    address = f"tcp://{advertise}:{chan.port}"
-    ctx.store.set(f"{ctx.store_prefix}server/{ctx.rank}/addr", address)
+    hosts = bind_hosts(ctx.master_addr)
+    chan = ServerChannel(Codec(ctx.secret), host=hosts.bind, name=f"server {ctx.rank}")
+    address = hosts.url(chan.port)
+    publish_address(ctx.store, f"{ctx.store_prefix}server/{ctx.rank}/addr", address)
     log.info(
         "server %d of %d: serving %d workers on %s", ctx.rank, ctx.servers, ctx.world_size, address
     )
