@@ -35,17 +35,22 @@ class ShardSlice:
         return self.stop - self.start
 
 
-def part_bounds(total: int, world: int, rank: int) -> range:
-    """Worker ``rank``'s contiguous part of ``total`` items; sizes differ by at most one.
-
-    The first ``total % world`` workers get one extra item.
-    """
+def check_rank(rank: int, world: int, total: int = 0) -> None:
+    """Reject a world below 1, a rank outside it, or a negative item count."""
     if world < 1:
         raise ValueError(f"world must be >= 1, got {world}")
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside world {world}")
     if total < 0:
-        raise ValueError(f"total must be >= 0, got {total}")
+        raise ValueError(f"num_samples must be >= 0, got {total}")
+
+
+def part_bounds(total: int, world: int, rank: int) -> range:
+    """Worker ``rank``'s contiguous part of ``total`` items; sizes differ by at most one.
+
+    The first ``total % world`` workers get one extra item.
+    """
+    check_rank(rank, world, total)
     base, extra = divmod(total, world)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (1 if rank < extra else 0))

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from concord.algorithms.assign import check_rank
+
 
 def shard_indices(
     num_samples: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool, drop_last: bool
@@ -44,12 +46,7 @@ class ShardedSampler(Sampler[int]):
         shuffle: bool = True,
         drop_last: bool = False,
     ) -> None:
-        if world < 1:
-            raise ValueError(f"world must be >= 1, got {world}")
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is outside world {world}")
-        if num_samples < 0:
-            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        check_rank(rank, world, num_samples)
         self.num_samples, self.rank, self.world = num_samples, rank, world
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.epoch = 0
