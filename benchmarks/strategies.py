@@ -9,7 +9,8 @@ MNIST preloaded, its own shard) for ``--warmup`` steps, then ``--steps`` timed s
 median step time); with ``--repeats`` > 1 the median over jobs is reported. All
 configurations run in the same invocation, so the ratio "sync PS (S=2) / AllReduce at N=4"
 compares peers under the same machine load.
-``--quick``: N=4 only (AllReduce, sync PS S=2, async PS S=2), fewer steps.
+``--quick``: N=4 only (AllReduce, sync PS S=2 without and with overlap, async PS S=2), fewer
+steps. ``+overlap`` rows use ``ParameterServer(overlap=True)``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def worker(args: argparse.Namespace) -> None:
     if args.strategy == "allreduce":
         strategy = concord.AllReduce()
     else:
-        strategy = concord.ParameterServer(mode=args.strategy.removeprefix("ps-"))
+        mode, _, extra = args.strategy.removeprefix("ps-").partition("+")
+        strategy = concord.ParameterServer(mode=mode, overlap=extra == "overlap")
     model, opt = concord.distribute(model, opt, strategy, ctx=ctx)
     data = concord.data.mnist("train")
     batches = iter(concord.data.loader(data, batch_size=args.batch, rank=ctx.rank))
@@ -86,12 +88,18 @@ def run_job(strategy: str, workers: int, servers: int, args: argparse.Namespace)
 
 def configs(quick: bool) -> list[tuple[str, int, int]]:
     if quick:
-        return [("allreduce", 4, 0), ("ps-sync", 4, 2), ("ps-async", 4, 2)]
+        return [
+            ("allreduce", 4, 0),
+            ("ps-sync", 4, 2),
+            ("ps-sync+overlap", 4, 2),
+            ("ps-async", 4, 2),
+        ]
     out = []
     for n in (2, 4):
         out.append(("allreduce", n, 0))
         for s in (1, 2):
             out += [("ps-sync", n, s), ("ps-async", n, s)]
+        out += [("ps-sync+overlap", n, 2), ("ps-async+overlap", n, 2)]
     return out
 
 
@@ -111,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps = 50
     rows = []
-    print(f"{'strategy':<10} {'N':>2} {'S':>2} {'samples/s':>10}", flush=True)
+    print(f"{'strategy':<16} {'N':>2} {'S':>2} {'samples/s':>10}", flush=True)
     for strategy, n, s in configs(args.quick):
         rate = statistics.median(run_job(strategy, n, s, args) for _ in range(args.repeats))
         rows.append({"strategy": strategy, "workers": n, "servers": s, "samples_per_s": rate})
-        print(f"{strategy:<10} {n:>2} {s or '-':>2} {rate:10.0f}", flush=True)
+        print(f"{strategy:<16} {n:>2} {s or '-':>2} {rate:10.0f}", flush=True)
     rate = {(r["strategy"], r["workers"], r["servers"]): r["samples_per_s"] for r in rows}
     ratio = rate[("ps-sync", 4, 2)] / rate[("allreduce", 4, 0)]
     print(f"sync PS (S=2) / AllReduce at N=4: {ratio:.2f} (goal >= 0.9)")

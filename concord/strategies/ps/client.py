@@ -92,8 +92,12 @@ def connect(
         key = f"{ctx.store_prefix}server/{s}/addr"
         address = wait_for_address(ctx.store, key, f"server {s}", ctx.timeout, hint)
         channels.append(ClientChannel(codec, address, f"server {s}", ctx.timeout))
-    opt = PSOptimizer(optimizer, strategy, ctx, params, infos, plan.shards, channels)
+    cls = PSOptimizer
+    if strategy.overlap:  # pushes from autograd hooks, pulls in the background
+        from concord.strategies.ps.overlap import OverlapPSOptimizer as cls
+    opt = cls(optimizer, strategy, ctx, params, infos, plan.shards, channels)
     opt.register(spec)
+    opt.attach(model)
     return opt
 
 
@@ -151,16 +155,21 @@ class PSOptimizer(DistributedOptimizer):
         if delta:
             self.optimizer.step()
         meta = {} if delta else self._hp_meta()
-        sync = self.strategy.mode == "sync"
         for s, chan in enumerate(self.channels):
             tensors = self._deltas(s) if delta else self._grads(s)
-            # sync: round t takes every worker's t-th push, so all workers make the same
-            # number of steps (an epoch) and a late push is dropped, never waited for;
-            # async: the version the gradient was computed on (its staleness)
-            label = self.steps if sync else self.versions[s]
-            chan.send(Message("push", worker=self.rank, step=label, meta=meta, tensors=tensors))
+            chan.send(self._push_message(s, meta, tensors))
         self._collect("new parameters after a push", 2 * self.timeout + 5)
         self.steps += 1
+
+    def attach(self, model: nn.Module) -> None:
+        """Hook into ``model`` (nothing to do here; the overlapping optimizer hooks)."""
+
+    def _push_message(self, s: int, meta: dict[str, Any], tensors: dict) -> Message:
+        # sync: round t takes every worker's t-th push, so all workers make the same
+        # number of steps (an epoch) and a late push is dropped, never waited for;
+        # async: the version the gradient was computed on (its staleness)
+        label = self.steps if self.strategy.mode == "sync" else self.versions[s]
+        return Message("push", worker=self.rank, step=label, meta=meta, tensors=tensors)
 
     def synchronize(self) -> None:
         """Load the servers' latest parameters."""

@@ -40,6 +40,9 @@ class ParameterServer(Strategy):
     - ``max_staleness=s`` (async): no worker runs more than ``s`` steps ahead of the slowest.
     - ``min_workers=m`` (sync): after a timeout, go on with at least ``m`` survivors.
     - ``servers``: how many servers the job was started with (None: ``CONCORD_SERVERS``).
+    - ``overlap=True`` (push="grad"): push each shard's gradient from autograd hooks as soon as
+      backward has produced it, and receive the new parameters in the background; the next
+      forward waits for them. Same results (see ``concord.strategies.ps.overlap``).
 
     Start servers with ``concord run -n 4 --servers 2 train.py``.
     """
@@ -50,6 +53,7 @@ class ParameterServer(Strategy):
     backup_workers: int = 0
     min_workers: int | None = None
     servers: int | None = None
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -62,6 +66,13 @@ class ParameterServer(Strategy):
         _int_or_none("servers", self.servers, 1)
         if self.backup_workers is None:
             raise TypeError("backup_workers must be an int (0 for none)")
+        if not isinstance(self.overlap, bool):
+            raise TypeError(f"overlap must be True or False, got {self.overlap!r}")
+        if self.overlap and self.push == "delta":
+            raise ValueError(
+                "overlap=True needs push='grad' (push='delta' steps the local optimizer first, "
+                "so nothing can be pushed during backward); use overlap=False"
+            )
         if self.mode == "sync" and self.push == "delta":
             raise ValueError(
                 "push='delta' needs mode='async' (sync mode averages gradients on the servers)"
@@ -84,9 +95,10 @@ class ParameterServer(Strategy):
 
     def config(self, workers: int) -> dict[str, Any]:
         """What every server shard is told at registration (checked equal on all workers;
-        ``servers`` is left out: None and the job's count mean the same)."""
+        ``servers`` is left out: None and the job's count mean the same; ``overlap`` too: it
+        is the worker's business and changes no result)."""
         settings = asdict(self)
-        del settings["servers"]
+        del settings["servers"], settings["overlap"]
         return settings | {"workers": workers}
 
     def check_job(self, ctx: Context) -> int:
