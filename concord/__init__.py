@@ -12,6 +12,7 @@ from concord.strategies.allreduce import AllReduce
 from concord.strategies.base import Distributed, DistributedOptimizer, Strategy
 from concord.strategies.pipeline import Pipeline
 from concord.strategies.ps import ParameterServer
+from concord.trainer import Trainer
 
 __all__ = [
     "AllReduce",
@@ -24,6 +25,7 @@ __all__ = [
     "Pipeline",
     "PowerSGD",
     "Strategy",
+    "Trainer",
     "UsageError",
     "data",
     "distribute",
