@@ -6,6 +6,7 @@ every strategy. Rank 0 shows progress, prints a summary per epoch and writes the
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -77,9 +78,14 @@ class Trainer:
         for epoch in range(epochs):
             _set_epoch(train, epoch)
             self.model.train()
+            steps = self.steps_per_epoch(train)
             start, total, count, samples = time.perf_counter(), 0.0, 0, 0
             bar = progress(
-                train, self.ctx.is_main, desc=f"epoch {epoch + 1}/{epochs}", unit="batch"
+                itertools.islice(train, steps),
+                self.ctx.is_main,
+                desc=f"epoch {epoch + 1}/{epochs}",
+                unit="batch",
+                total=steps,
             )
             for x, y in bar:
                 loss = self.train_step(x, y)
@@ -97,6 +103,21 @@ class Trainer:
             )
             self._record(metrics)
         return self.history
+
+    def steps_per_epoch(self, train: Iterable) -> int | None:
+        """Steps every worker takes this epoch: the fewest batches any worker has.
+
+        Shards may differ by a sample, and so by a batch; a worker that stepped once more
+        than the others would wait forever in a collective (PyTorch DDP has the same hazard
+        with uneven inputs). The extra samples of larger shards come back in later epochs'
+        shuffles. None (no limit) for a loader without ``len()``.
+        """
+        if not hasattr(train, "__len__"):
+            return None
+        steps = torch.tensor([len(train)], dtype=torch.int64)
+        if dist.is_initialized() and self.ctx.world_size > 1:
+            dist.all_reduce(steps, op=dist.ReduceOp.MIN)
+        return int(steps)
 
     @torch.no_grad()
     def evaluate(self, test: Iterable) -> Evaluation:

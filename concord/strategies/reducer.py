@@ -18,6 +18,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as wait_futures
 from datetime import timedelta
 
@@ -212,7 +213,15 @@ class RingEngine:
 
         def wait() -> None:
             job.run_once()  # not started yet: run it here rather than wait for a thread switch
-            job.future.result(timeout=self.ring.timeout * 2 + 5)
+            limit = self.ring.timeout * 2 + 5
+            try:
+                job.future.result(timeout=limit)
+            except FutureTimeout:
+                raise PeerTimeoutError(
+                    f"worker rank {self.ring.rank}: the ring allreduce of bucket {bucket.index} "
+                    f"did not finish within {limit:g}s; a peer stopped taking part (did every "
+                    "worker run the same number of steps?)"
+                ) from None
 
         return wait
 
