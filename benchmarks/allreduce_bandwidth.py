@@ -14,71 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import os
-import queue
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
-from concord.comm.rendezvous import free_port, new_secret  # noqa: E402
+from multiproc import run_workers  # noqa: E402
 
 MB = 2**20
-
-
-def _child(fn: Callable, rank: int, env: dict, args: tuple, results: Any) -> None:
-    os.environ.update(env)
-    import torch
-
-    torch.set_num_threads(1)
-    try:
-        results.put((rank, "ok", fn(*args)))
-    except BaseException as exc:  # noqa: BLE001 - reported by the parent
-        results.put((rank, "error", repr(exc)))
-    finally:
-        import concord
-
-        concord.shutdown()
-
-
-def spawn(fn: Callable, world: int, args: tuple, timeout: float = 600) -> list[Any]:
-    """Run ``fn(*args)`` in ``world`` worker processes on 127.0.0.1; results by rank."""
-    ctx = mp.get_context("spawn")
-    base = {
-        "WORLD_SIZE": str(world),
-        "MASTER_ADDR": "127.0.0.1",
-        "CONCORD_SERVERS": "0",
-        "MASTER_PORT": str(free_port()),
-        "CONCORD_SECRET": new_secret(),
-    }
-    results = ctx.Queue()
-    procs = []
-    for rank in range(world):
-        env = base | {"RANK": str(rank), "LOCAL_RANK": str(rank), "CONCORD_ROLE": "worker"}
-        procs.append(ctx.Process(target=_child, args=(fn, rank, env, args, results)))
-        procs[-1].start()
-    out = {}
-    try:
-        while len(out) < world:
-            try:
-                rank, status, value = results.get(timeout=timeout)
-            except queue.Empty:
-                raise RuntimeError(f"workers {sorted(set(range(world)) - set(out))} hung") from None
-            if status == "error":
-                raise RuntimeError(f"worker {rank} failed: {value}")
-            out[rank] = value
-    finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    return [out[r] for r in range(world)]
 
 
 def timed(fn: Callable[[], None], repeats: int, warmup: int = 2) -> list[float]:
@@ -147,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 3 if args.quick else 5  # per half: the median is over 2 * repeats
     rows = []
     for world in args.worlds:
-        res = spawn(_bench, world, (args.sizes_mb, repeats, args.chunk_kb))[0]
+        res = run_workers(_bench, world, (args.sizes_mb, repeats, args.chunk_kb), timeout=600)[0]
         for size in args.sizes_mb:
             factor = size * MB * 2 * (world - 1) / world / 1e9
             gloo, ring = res[size]["gloo"], res[size]["ring"]

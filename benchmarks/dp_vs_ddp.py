@@ -25,10 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allreduce_bandwidth import spawn  # noqa: E402
+from multiproc import run_workers  # noqa: E402
 
 # steps per repeat, by (model, batch): about the same wall time for each config
 STEPS = {("mlp", 64): 40, ("mlp", 256): 20, ("cnn", 64): 12, ("cnn", 256): 5}
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.accuracy:
-        acc = spawn(_accuracy, 2, (1 if args.quick else 3, 64))[0]
+        acc = run_workers(_accuracy, 2, (1 if args.quick else 3, 64), timeout=600)[0]
         print(f"{'compression':>11} {'test accuracy':>14}")
         for name, value in acc.items():
             print(f"{name:>11} {value:>14.4f}")
@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     configs = [(m, b) for m in args.models for b in args.batches]
     rows = []
     for world in args.worlds:
-        res = spawn(_bench, world, (configs, args.repeats, 0.5 if args.quick else 1.0))[0]
+        res = run_workers(
+            _bench, world, (configs, args.repeats, 0.5 if args.quick else 1.0), timeout=600
+        )[0]
         for model_name, batch in configs:
             r = res[f"{model_name}/{batch}"]
             rows.append(
