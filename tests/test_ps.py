@@ -18,6 +18,8 @@ from ps_harness import run_ps_job
 from torch import nn
 from torch.nn import functional as F
 
+from concord.comm.lanes import Lane
+
 STEPS = 6
 GLOBAL_BATCH = 16
 
@@ -146,6 +148,62 @@ def test_backup_worker_drops_exactly_the_late_gradients():
     for params, _ in job.results:
         for got, want in zip(params, reference):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class WideNet(nn.Module):
+    """A 5 MB parameter: cut into pieces of at most 4 MB, pushed in parts, through lanes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 16)
+        self.fc2 = nn.Linear(16, 3)
+        self.wide = nn.Parameter(torch.randn(16, 80_000) * 0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(h) + (h @ self.wide).mean(dim=1, keepdim=True)
+
+
+def _train_wide(model, opt, rank: int, world: int) -> None:
+    for step in range(3):
+        x, y = _batch(step)
+        i = torch.arange(rank, GLOBAL_BATCH, world)
+        opt.zero_grad()
+        F.cross_entropy(model(x[i]), y[i]).backward()
+        opt.step()
+
+
+def _wide_worker(lanes: str):
+    import concord
+
+    os.environ["CONCORD_LANES"] = lanes
+    ctx = concord.init(timeout=60)
+    torch.manual_seed(0)
+    model = WideNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, opt = concord.distribute(model, opt, concord.ParameterServer(mode="sync"))
+    _train_wide(model, opt, ctx.rank, ctx.world_size)
+    stats = opt.server_stats()
+    opt.close()
+    return [p.detach().clone() for p in model.parameters()], stats
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize(("servers", "lanes"), [(1, "1"), (2, "0")])
+def test_sync_ps_with_large_pieces_parts_and_lanes_equals_one_process(servers, lanes):
+    job = run_ps_job(_wide_worker, 2, servers, args=(lanes,))
+    torch.manual_seed(0)
+    model = WideNet()
+    _train_wide(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), 0, 1)
+    for params, _ in job.results:
+        for got, want in zip(params, model.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    stats = job.results[0][1]
+    moved = sum(s["lane_bytes_in"] + s["lane_bytes_out"] for s in stats)
+    if lanes == "0":
+        assert moved == 0
+    elif Lane.available():  # 3 steps x 2 workers x 5 MB each way, plus registration
+        assert moved >= 2 * 3 * 2 * 16 * 80_000 * 4
 
 
 # -- async ----------------------------------------------------------------------------------

@@ -51,12 +51,17 @@ def test_plan_moves_a_cut_in_a_small_tensor_to_its_nearest_edge():
     assert [[pc.key for pc in s] for s in plan.shards] == [["a[0:100]"], ["b[0:15]", "c[0:90]"]]
 
 
+def test_plan_cuts_pieces_to_at_most_piece_bytes():
+    plan = plan_shards([_info("a", 10), _info("b", 2)], 1, piece_bytes=16)
+    assert [pc.key for pc in plan.shards[0]] == ["a[0:4]", "a[4:8]", "a[8:10]", "b[0:2]"]
+
+
 def test_plan_with_one_server_and_more_servers_than_tensors():
     params = [_info("a", 3), _info("b", 5)]
     assert plan_shards(params, 1).shards == ((Piece("a", 0, 3, 0), Piece("b", 0, 5, 0)),)
     shards = plan_shards(params, 4).shards
     assert sum(pc.numel for s in shards for pc in s) == 8  # every element somewhere
-    with pytest.raises(ValueError, match="servers must be >= 1"):
+    with pytest.raises(ValueError, match="need servers >= 1"):
         plan_shards(params, 0)
     with pytest.raises(ValueError, match="unique"):
         plan_shards([_info("a", 1), _info("a", 2)], 1)
@@ -67,14 +72,16 @@ def test_plan_with_one_server_and_more_servers_than_tensors():
     sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=12),
     itemsizes=st.lists(st.sampled_from([1, 2, 4, 8]), min_size=12, max_size=12),
     servers=st.integers(1, 6),
+    piece_bytes=st.sampled_from([1, 7, 1000, 1 << 22]),
 )
-def test_plan_covers_every_element_once_and_balances_bytes(sizes, itemsizes, servers):
+def test_plan_covers_every_element_once_and_balances_bytes(sizes, itemsizes, servers, piece_bytes):
     params = [ParamInfo(f"p{i}", (n,), "float32", itemsizes[i], 0) for i, n in enumerate(sizes)]
-    plan = plan_shards(params, servers)
+    plan = plan_shards(params, servers, piece_bytes=piece_bytes)
     for p in params:
         pieces = [pc for s in plan.shards for pc in s if pc.name == p.name]
         assert pieces[0].start == 0 and pieces[-1].stop == p.numel
         assert all(a.stop == b.start for a, b in zip(pieces, pieces[1:]))
+        assert all(pc.numel * p.itemsize <= max(piece_bytes, p.itemsize) for pc in pieces)
     fair = sum(p.nbytes for p in params) / servers
     for got in plan.nbytes(params):
         assert abs(got - fair) <= fair / 4 + 16  # snapped cuts, element rounding
@@ -289,6 +296,7 @@ class FakeChannel:
         self.sent: list[tuple[bytes, Message]] = []
         self.rejected: Counter[str] = Counter()
         self.bytes_in = self.bytes_out = 0
+        self.lane_bytes = (0, 0)
 
     def reply(self, peer: bytes, msg: Message, track: bool = False):
         self.sent.append((peer, msg))

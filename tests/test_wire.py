@@ -15,14 +15,15 @@ from concord.comm.wire import (
     DTYPES,
     MAC_BYTES,
     PROTOCOL_VERSION,
-    SEGMENT_BYTES,
     Codec,
     Message,
     WireError,
     compute_mac,
+    verify_mac,
 )
 from concord.errors import PeerTimeoutError, ProtocolError
 
+MB = 1 << 20
 SECRET = bytes(range(32))
 FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -95,9 +96,9 @@ def test_any_flipped_byte_fails_the_mac(data):
     assert err.value.kind == "auth"
 
 
-def test_multi_segment_frame_is_authenticated_and_decoded_in_place():
+def test_big_frame_is_authenticated_and_decoded_in_place():
     codec = Codec(SECRET)
-    big = torch.arange(3 * SEGMENT_BYTES // 4 + 5, dtype=torch.float32)  # 3 MiB + 20 bytes
+    big = torch.arange(3 * MB // 4 + 5, dtype=torch.float32)  # 3 MiB + 20 bytes
     frames = [bytearray(bytes(f)) for f in codec.encode(Message("x", tensors={"big": big}))]
     assert len(frames) == 3  # mac, header, one frame: the tensor is not chunked
     got = codec.decode(frames).tensors["big"]
@@ -105,15 +106,32 @@ def test_multi_segment_frame_is_authenticated_and_decoded_in_place():
     got[0] = -1.0  # the decoded tensor is the received frame's memory, not a copy
     assert frames[2][:4] == bytes(torch.tensor([-1.0]).numpy())
     frames[2][:4] = bytes(big[:1].numpy())
-    frames[2][2 * SEGMENT_BYTES + 7] ^= 1  # one bit in the third segment
+    frames[2][2 * MB + 7] ^= 1  # one bit deep inside the frame
     with pytest.raises(WireError, match="bad MAC"):
         codec.decode(frames)
 
 
 def test_mac_binds_frame_boundaries():
-    header = b"{}"
-    assert compute_mac(SECRET, header, [b"ab", b"c"]) != compute_mac(SECRET, header, [b"a", b"bc"])
-    assert compute_mac(SECRET, header, [b"abc"]) != compute_mac(SECRET, header, [b"abc", b""])
+    header, nonce = b"{}", bytes(range(16))
+
+    def mac(buffers):
+        return compute_mac(SECRET, header, buffers, nonce)
+
+    assert mac([b"ab", b"c"]) != mac([b"a", b"bc"])
+    assert mac([b"abc"]) != mac([b"abc", b""])
+    assert verify_mac(SECRET, mac([b"abc"]), header, [b"abc"])
+    assert not verify_mac(SECRET, mac([b"abc"]), header, [b"abd"])
+
+
+def test_mac_key_is_fresh_per_message_and_tied_to_the_secret():
+    header, buffers = b"{}", [b"payload"]
+    first, second = (compute_mac(SECRET, header, buffers) for _ in range(2))
+    assert first[:16] != second[:16] and first[16:] != second[16:]  # one-time keys differ
+    assert verify_mac(SECRET, first, header, buffers)
+    assert verify_mac(SECRET, second, header, buffers)
+    assert not verify_mac(b"another secret, 32 bytes long...", first, header, buffers)
+    swapped = second[:16] + first[16:]  # a tag is valid only under its own nonce's key
+    assert not verify_mac(SECRET, swapped, header, buffers)
 
 
 @FUZZ

@@ -3,8 +3,9 @@
 - :func:`plan_shards` cuts the parameters (in order, as one byte stream) into S contiguous
   shards of nearly equal bytes; a cut inside a small tensor moves to its nearest edge, a cut
   inside a large one (>= ``split_bytes`` or >= a quarter of a fair share) splits it at an
-  element boundary, so every shard is within a quarter of its fair share of bytes. Every worker
-  computes the same plan from the same parameter list.
+  element boundary, so every shard is within a quarter of its fair share of bytes. Pieces
+  larger than ``piece_bytes`` are cut further (each piece is one tensor on its server, with its
+  own optimizer state). Every worker computes the same plan from the same parameter list.
 - :class:`OptimizerSpec` describes a torch optimizer declaratively (class name from an
   allow-list plus JSON hyperparameters per param group), so servers rebuild it without
   unpickling anything. Only element-wise optimizers are allowed, which is why a tensor split
@@ -23,6 +24,9 @@ from typing import Any
 import torch
 
 DEFAULT_SPLIT_BYTES = 1 << 20
+#: the largest piece (= concord.comm.parts.PART_BYTES, so a piece fits in one wire part and a
+#: shard's push streams as several parts that are authenticated while others are in flight)
+DEFAULT_PIECE_BYTES = 4 << 20
 
 #: optimizers a server may build (all element-wise)
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -86,11 +90,14 @@ class ShardPlan:
 
 
 def plan_shards(
-    params: Sequence[ParamInfo], servers: int, split_bytes: int = DEFAULT_SPLIT_BYTES
+    params: Sequence[ParamInfo],
+    servers: int,
+    split_bytes: int = DEFAULT_SPLIT_BYTES,
+    piece_bytes: int = DEFAULT_PIECE_BYTES,
 ) -> ShardPlan:
     """Cut ``params`` into ``servers`` shards balanced by bytes (see the module docstring)."""
-    if servers < 1:
-        raise ValueError(f"servers must be >= 1, got {servers}")
+    if servers < 1 or piece_bytes < 1:
+        raise ValueError(f"need servers >= 1 and piece_bytes >= 1, got {servers}, {piece_bytes}")
     names = [p.name for p in params]
     if len(set(names)) != len(names):
         raise ValueError(f"parameter names must be unique, got {names}")
@@ -111,8 +118,10 @@ def plan_shards(
         for s in range(servers):
             lo, hi = max(begin, cuts[s]), min(begin + p.nbytes, cuts[s + 1])
             if hi > lo:
-                shards[s].append(
-                    Piece(p.name, (lo - begin) // p.itemsize, (hi - begin) // p.itemsize, s)
+                start, stop = (lo - begin) // p.itemsize, (hi - begin) // p.itemsize
+                step = max(1, piece_bytes // p.itemsize)
+                shards[s].extend(
+                    Piece(p.name, i, min(i + step, stop), s) for i in range(start, stop, step)
                 )
     return ShardPlan(tuple(tuple(s) for s in shards))
 

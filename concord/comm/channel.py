@@ -24,6 +24,7 @@ Example (the data server and the parameter servers use exactly this)::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter
@@ -32,6 +33,8 @@ from typing import Any
 
 import zmq
 
+from concord.comm.lanes import Lane, from_lane, to_lane
+from concord.comm.parts import PART_BYTES, PartAssembler, split_message
 from concord.comm.wire import (
     MAX_HEADER_BYTES,
     Codec,
@@ -75,6 +78,10 @@ class ServerChannel:
         else:
             self.port = self.socket.bind_to_random_port(f"tcp://{host}")
         self.host = host
+        self.part_bytes = PART_BYTES
+        self._parts = PartAssembler(codec.max_bytes)
+        self._ids = itertools.count()
+        self._lanes: dict[bytes, tuple[Lane, Lane]] = {}  # peer -> (its up lane, down lane)
         self.rejected: Counter[str] = Counter()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -87,7 +94,8 @@ class ServerChannel:
     def poll(self, timeout: float) -> Request | None:
         """The next authenticated request, or None if none came within ``timeout`` seconds.
 
-        Rejected messages are answered with an error reply and skipped.
+        Rejected messages are answered with an error reply and skipped; a multi-part message
+        is returned once its last part is in.
         """
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
@@ -99,13 +107,43 @@ class ServerChannel:
             nbytes = sum(len(f) for f in body)
             self.bytes_in += nbytes
             try:
-                return Request(peer, self.codec.decode(body), nbytes)
-            except WireError as exc:
+                lanes = self._lanes.get(peer)
+                body = from_lane(body, lanes[0] if lanes else None)
+                msg = self._parts.add(peer, self.codec.decode(body))
+                if msg is not None and msg.op == "lanes":
+                    self._accept_lanes(peer, msg)
+                    continue
+                if msg is not None:
+                    return Request(peer, msg, msg.nbytes)
+                continue  # more parts are due: keep polling until the deadline
+            except (WireError, ValueError) as exc:
+                exc = exc if isinstance(exc, WireError) else WireError("frames", str(exc))
+                self._parts.drop(peer)
                 self.rejected[exc.kind] += 1
                 log.warning("%s: rejected a message from peer %s: %s", self.name, peer.hex(), exc)
                 self.reply(peer, error_message(exc.kind, str(exc)))
             if time.monotonic() >= deadline:
                 return None
+
+    def _accept_lanes(self, peer: bytes, msg: Message) -> None:
+        """Map the shared-memory lanes a same-host client offers (op ``lanes``)."""
+        try:
+            capacity = int(msg.meta["capacity"])
+            up = Lane.attach(str(msg.meta["up"]), capacity)
+            down = Lane.attach(str(msg.meta["down"]), capacity)
+        except (KeyError, TypeError, ValueError, OSError) as exc:
+            self.reply(peer, Message("lanes", meta={"ok": False, "why": str(exc)}))
+            return
+        for lane in self._lanes.pop(peer, ()):
+            lane.close()
+        self._lanes[peer] = (up, down)
+        self.reply(peer, Message("lanes", meta={"ok": True}))
+
+    @property
+    def lane_bytes(self) -> tuple[int, int]:
+        """Bytes received and sent through shared-memory lanes (part of bytes_in/out)."""
+        lanes = self._lanes.values()
+        return sum(up.moved for up, _ in lanes), sum(down.moved for _, down in lanes)
 
     def reply(self, peer: bytes, msg: Message, track: bool = False) -> zmq.MessageTracker | None:
         """Send ``msg`` to ``peer`` (zero-copy). With ``track`` return a tracker that is done
@@ -115,26 +153,35 @@ class ServerChannel:
     def reply_many(
         self, peers: list[bytes], msg: Message, track: bool = False
     ) -> list[zmq.MessageTracker | None]:
-        """Send the same ``msg`` to every peer, encoded (and authenticated) once."""
-        frames = self.codec.encode(msg)
-        size = sum(_nbytes(f) for f in frames)
-        trackers = []
-        for peer in peers:
-            try:
-                trackers.append(
-                    self.socket.send_multipart([peer, *frames], copy=False, track=track)
-                )
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    raise
-                log.info("%s: peer %s is gone; dropped reply %r", self.name, peer.hex(), msg.op)
-                trackers.append(None)
-                continue
-            self.bytes_out += size
+        """Send the same ``msg`` to every peer, each part encoded (and authenticated) once and
+        sent to all before the next is encoded. With ``track``: one tracker per part sent."""
+        trackers: list[zmq.MessageTracker | None] = []
+        live = list(peers)
+        for part in split_message(msg, next(self._ids), self.part_bytes):
+            frames = self.codec.encode(part)
+            size = sum(_nbytes(f) for f in frames)
+            for peer in list(live):
+                lanes = self._lanes.get(peer)
+                out = to_lane(frames, lanes[1]) if lanes else frames
+                try:
+                    trackers.append(
+                        self.socket.send_multipart([peer, *out], copy=False, track=track)
+                    )
+                except zmq.ZMQError as exc:
+                    if exc.errno != zmq.EHOSTUNREACH:
+                        raise
+                    log.info("%s: peer %s is gone; dropped reply %r", self.name, peer.hex(), msg.op)
+                    live.remove(peer)
+                    continue
+                self.bytes_out += size
         return trackers
 
     def close(self) -> None:
         self.socket.close()
+        for lanes in self._lanes.values():
+            for lane in lanes:
+                lane.close()
+        self._lanes = {}
 
 
 class ClientChannel:
@@ -152,34 +199,71 @@ class ClientChannel:
         self.socket.connect(address)
         self.bytes_in = 0
         self.bytes_out = 0
+        self.part_bytes = PART_BYTES
+        self._parts = PartAssembler(codec.max_bytes)
+        self._ids = itertools.count()
+        self._lanes: tuple[Lane, Lane] | None = None  # (up, down) once the server took them
         self._broken: str | None = None
 
     def send(self, msg: Message) -> None:
-        """Queue ``msg`` for the server (zero-copy; returns before the bytes are sent)."""
+        """Queue ``msg`` for the server (zero-copy; returns before the bytes are sent). A large
+        message goes as parts, each handed to zmq as soon as it is authenticated."""
         self._check()
-        frames = self.codec.encode(msg)
-        self.socket.send_multipart(frames, copy=False)
-        self.bytes_out += sum(_nbytes(f) for f in frames)
+        for part in split_message(msg, next(self._ids), self.part_bytes):
+            frames = self.codec.encode(part)
+            self.bytes_out += sum(_nbytes(f) for f in frames)
+            if self._lanes:
+                frames = to_lane(frames, self._lanes[0])
+            self.socket.send_multipart(frames, copy=False)
 
     def recv(self, awaiting: str, timeout: float | None = None) -> Message:
         """The next reply. Raises PeerTimeoutError after ``timeout`` (default: the channel's),
         :class:`WireError` for an error reply or a reply that fails the wire checks."""
         self._check()
         timeout = self.timeout if timeout is None else timeout
-        if not self.socket.poll(int(timeout * 1000), zmq.POLLIN):
-            self._broken = f"it timed out awaiting {awaiting}"
-            raise PeerTimeoutError(
-                f"{self.peer} at {self.address} did not answer within {timeout:g}s "
-                f"(awaiting {awaiting}); is it running and reachable? Raise the limit with "
-                "concord run --timeout or CONCORD_TIMEOUT"
-            )
-        frames = self.socket.recv_multipart(copy=False)
-        self.bytes_in += sum(len(f) for f in frames)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            if not self.socket.poll(int(left * 1000), zmq.POLLIN):
+                self._broken = f"it timed out awaiting {awaiting}"
+                raise PeerTimeoutError(
+                    f"{self.peer} at {self.address} did not answer within {timeout:g}s "
+                    f"(awaiting {awaiting}); is it running and reachable? Raise the limit with "
+                    "concord run --timeout or CONCORD_TIMEOUT"
+                )
+            frames = self.socket.recv_multipart(copy=False)
+            try:
+                frames = from_lane(frames, self._lanes[1] if self._lanes else None)
+                self.bytes_in += sum(len(f) for f in frames)
+                msg = self._parts.add(b"", self.codec.decode(frames))
+            except (WireError, ValueError) as exc:
+                exc = exc if isinstance(exc, WireError) else WireError("frames", str(exc))
+                raise WireError(
+                    exc.kind, f"bad reply from {self.peer} ({awaiting}): {exc}"
+                ) from None
+            if msg is not None:
+                return raise_if_error(msg, self.peer)
+
+    def open_lanes(self, capacity: int | None = None) -> bool:
+        """Offer the server shared-memory lanes (same host only); True if it took them.
+        Call before any other request. Large frames then skip the TCP loopback path."""
+        if self._lanes is not None or not Lane.available():
+            return self._lanes is not None
+        up = Lane.create(capacity) if capacity else Lane.create()
+        down = Lane.create(up.capacity)
         try:
-            msg = self.codec.decode(frames)
-        except WireError as exc:
-            raise WireError(exc.kind, f"bad reply from {self.peer} ({awaiting}): {exc}") from None
-        return raise_if_error(msg, self.peer)
+            meta = {"up": up.path, "down": down.path, "capacity": up.capacity}
+            reply = self.request(Message("lanes", meta=meta), awaiting="lanes")
+        finally:
+            up.unlink()  # mapped by both sides (or refused): nothing left to find
+            down.unlink()
+        if reply.meta.get("ok") is not True:
+            log.info("%s: no shared-memory lanes (%s)", self.peer, reply.meta.get("why"))
+            up.close()
+            down.close()
+            return False
+        self._lanes = (up, down)
+        return True
 
     def request(self, msg: Message, awaiting: str | None = None, timeout: float | None = None):
         """Send ``msg`` and wait for its reply."""
@@ -197,6 +281,9 @@ class ClientChannel:
         if linger is None:
             linger = 0.0 if self._broken else _LINGER_MS / 1000
         self.socket.close(linger=int(linger * 1000))
+        for lane in self._lanes or ():
+            lane.close()
+        self._lanes = None
 
 
 def _nbytes(frame: Any) -> int:

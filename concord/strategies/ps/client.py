@@ -19,6 +19,7 @@ comes back, so ``zero_grad()`` after ``step()`` is safe).
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from typing import Any
 
@@ -32,6 +33,7 @@ from concord.algorithms.ps_plan import (
     plan_shards,
     spec_from_optimizer,
 )
+from concord.comm.alloc import keep_freed_memory
 from concord.comm.channel import ClientChannel
 from concord.comm.discovery import wait_for_address
 from concord.comm.wire import Codec, Message, dtype_name
@@ -82,6 +84,7 @@ def connect(
 ) -> PSOptimizer:
     """Register ``model``'s parameters with the servers and return the wrapped optimizer."""
     broadcast_state(model)  # buffers and parameters outside the optimizer start equal
+    keep_freed_memory()  # reuse message buffers instead of page-faulting fresh ones
     params, infos = describe(model, optimizer)
     spec = spec_from_optimizer(optimizer).to_json() if strategy.push == "grad" else None
     plan = plan_shards(infos, servers)
@@ -91,7 +94,10 @@ def connect(
     for s in range(servers):
         key = f"{ctx.store_prefix}server/{s}/addr"
         address = wait_for_address(ctx.store, key, f"server {s}", ctx.timeout, hint)
-        channels.append(ClientChannel(codec, address, f"server {s}", ctx.timeout))
+        chan = ClientChannel(codec, address, f"server {s}", ctx.timeout)
+        if os.environ.get("CONCORD_LANES", "1") != "0":  # same host: bulk bytes via /dev/shm
+            chan.open_lanes()
+        channels.append(chan)
     cls = PSOptimizer
     if strategy.overlap:  # pushes from autograd hooks, pulls in the background
         from concord.strategies.ps.overlap import OverlapPSOptimizer as cls

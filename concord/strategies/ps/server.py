@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from concord.algorithms.ps_rules import StalenessClock, SyncAggregator
+from concord.comm.alloc import keep_freed_memory
 from concord.comm.channel import Request, ServerChannel
 from concord.comm.discovery import bind_hosts, publish_address
 from concord.comm.rendezvous import read_env
@@ -372,6 +373,8 @@ class ShardServer:
             "gate_waits": self.counts["gate_waits"],
             "bytes_in": self.chan.bytes_in,
             "bytes_out": self.chan.bytes_out,
+            "lane_bytes_in": self.chan.lane_bytes[0],
+            "lane_bytes_out": self.chan.lane_bytes[1],
             "rejected": dict(self.chan.rejected),
             "done": sorted(self.done),
             "lost": sorted(self.lost),
@@ -409,6 +412,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # element-wise updates gain little from threads and oversubscribed cores hurt them badly
     torch.set_num_threads(int(os.environ.get("CONCORD_SERVER_THREADS", "1")))
+    keep_freed_memory()  # reuse message buffers instead of page-faulting fresh ones
     ctx = init()
     if ctx.role != "server":
         log.error("concord.strategies.ps.server runs with CONCORD_ROLE=server, got %r", ctx.role)

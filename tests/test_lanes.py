@@ -1,0 +1,137 @@
+"""Shared-memory lanes: the ring, the frame substitution, and channels that use them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from concord.comm.channel import ClientChannel, ServerChannel
+from concord.comm.lanes import Lane, LaneError, from_lane, to_lane
+from concord.comm.wire import Codec, Message, WireError
+
+SECRET = bytes(range(32))
+pytestmark = pytest.mark.skipif(not Lane.available(), reason="no shared-memory lanes here")
+
+
+@pytest.fixture
+def pair():
+    writer = Lane.create(1000)
+    reader = Lane.attach(writer.path, 1000)
+    writer.unlink()
+    yield writer, reader
+    writer.close()
+    reader.close()
+
+
+def test_lane_round_trip_wraps_and_refuses_what_does_not_fit(pair):
+    writer, reader = pair
+    got = []
+    for i in range(10):  # 300-byte frames: the fourth skips the ring's 100-byte tail
+        frame = np.full(300, i, dtype=np.uint8)
+        position = writer.put(frame)
+        assert position is not None and position % 1000 + 300 <= 1000
+        got.append(reader.take(position, 300))
+    assert all((g == i).all() for i, g in enumerate(got))
+    first, second, third = (writer.put(np.zeros(300, dtype=np.uint8)) for _ in range(3))
+    assert writer.put(np.zeros(300, dtype=np.uint8)) is None  # full until the reader frees
+    assert writer.put(np.zeros(1001, dtype=np.uint8)) is None  # larger than the lane
+    reader.take(first, 300)
+    assert writer.put(np.zeros(300, dtype=np.uint8)) is not None
+
+
+def test_lane_rejects_descriptors_outside_what_was_written(pair):
+    writer, reader = pair
+    position = writer.put(np.ones(100, dtype=np.uint8))
+    with pytest.raises(LaneError, match="never written"):
+        reader.take(position, 200)
+    with pytest.raises(LaneError, match="out of bounds"):
+        reader.take(950, 100)
+    reader.take(position, 100)
+    with pytest.raises(LaneError, match="out of bounds"):  # taken already: behind the reader
+        reader.take(position, 100)
+
+
+def test_attach_accepts_only_lane_files(tmp_path):
+    with pytest.raises(ValueError, match="not a concord lane"):
+        Lane.attach("/etc/passwd", 1000)
+    with pytest.raises(ValueError, match="not a concord lane"):
+        Lane.attach(str(tmp_path / "concord-lane-x"), 1000)
+
+
+def test_frames_through_a_lane_are_still_authenticated(pair, monkeypatch):
+    import concord.comm.lanes as lanes
+
+    monkeypatch.setattr(lanes, "MIN_FRAME_BYTES", 100)
+    writer, reader = pair
+    codec = Codec(SECRET)
+    big, small = torch.arange(200, dtype=torch.float32), torch.ones(2)  # 800 and 8 bytes
+    frames = codec.encode(Message("push", tensors={"big": big, "small": small}))
+    sent = to_lane(frames, writer)
+    assert sent[1:] == [frames[0], frames[1], frames[3]]  # the big buffer went into the lane
+    msg = codec.decode(from_lane(sent, reader))
+    assert torch.equal(msg.tensors["big"], big) and torch.equal(msg.tensors["small"], small)
+    with pytest.raises(LaneError, match="no lane"):
+        from_lane(sent, None)
+    sent = to_lane(frames, writer)
+    position = int(np.frombuffer(sent[0][len(lanes.LANE_MARK) :], dtype=np.int64)[1])
+    writer._data[position % writer.capacity + 5] ^= 1  # someone changes the bytes in the lane
+    with pytest.raises(WireError) as err:
+        codec.decode(from_lane(sent, reader))
+    assert err.value.kind == "auth"
+
+
+def test_channel_moves_large_frames_through_lanes_and_falls_back_inline():
+    server = ServerChannel(Codec(SECRET), name="test server")
+    client = ClientChannel(Codec(SECRET), server.address, "server 0", timeout=10)
+    try:
+        server_loop = _Loop(server)
+        assert client.open_lanes(capacity=3 << 20) is True
+        up, down = client._lanes
+        for n in (1 << 18, 1 << 20):  # 1 MB fits the 3 MB lane; 4 MB goes through the socket
+            t = torch.randn(n)
+            reply = client.request(Message("push", tensors={"t": t}), awaiting="echo")
+            assert torch.equal(reply.tensors["t"], 2 * t)
+        assert up.moved == down.moved == 1 << 20  # only the 1 MB message used the lanes
+    finally:
+        server_loop.stop()
+        client.close()
+        server.close()
+
+
+def test_server_refuses_lanes_it_cannot_map():
+    server = ServerChannel(Codec(SECRET), name="test server")
+    client = ClientChannel(Codec(SECRET), server.address, "server 0", timeout=10)
+    try:
+        loop = _Loop(server)
+        meta = {"up": "/etc/passwd", "down": "/etc/passwd", "capacity": 10}
+        reply = client.request(Message("lanes", meta=meta), awaiting="lanes")
+        assert reply.meta["ok"] is False and "not a concord lane" in reply.meta["why"]
+        t = torch.ones(1 << 18)  # and plain messages still work
+        assert torch.equal(client.request(Message("push", tensors={"t": t})).tensors["t"], 2 * t)
+    finally:
+        loop.stop()
+        client.close()
+        server.close()
+
+
+class _Loop:
+    """Echo every request with its tensors doubled, on a thread."""
+
+    def __init__(self, server: ServerChannel) -> None:
+        import threading
+
+        self.server, self.running = server, True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while self.running:
+            req = self.server.poll(timeout=0.05)
+            if req is not None:
+                doubled = {k: 2 * v for k, v in req.msg.tensors.items()}
+                self.server.reply(req.peer, Message("echo", tensors=doubled))
+
+    def stop(self) -> None:
+        self.running = False
+        self.thread.join(timeout=5)
