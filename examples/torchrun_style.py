@@ -45,6 +45,7 @@ def main() -> None:
         )
         if not same:
             raise SystemExit(1)
+        dist.barrier()  # nobody tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 

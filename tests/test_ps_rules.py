@@ -301,7 +301,9 @@ class FakeChannel:
     def reply(self, peer: bytes, msg: Message, track: bool = False):
         self.sent.append((peer, msg))
 
-    def reply_many(self, peers: list[bytes], msg: Message, track: bool = False):
+    def reply_many(self, peers: list[bytes], msg: Message, track: bool = False, before_part=None):
+        if before_part is not None:  # the whole message is one part here
+            before_part(msg)
         self.sent.extend((peer, msg) for peer in peers)
         return [None] * len(peers)
 

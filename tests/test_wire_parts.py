@@ -85,9 +85,17 @@ def test_channels_send_and_answer_large_messages_in_authenticated_parts():
         req = server.poll(timeout=10)
         assert req is not None and req.msg.meta == {"hp": 1} and len(req.msg.tensors) == 5
         doubled = {k: 2 * v for k, v in req.msg.tensors.items()}
-        trackers = server.reply_many([req.peer], Message("params", step=8, tensors=doubled), True)
-        assert len(trackers) == 3  # one per part
-        reply = client.recv(awaiting="params")
+        before: list[list[str]] = []
+        trackers = server.reply_many(
+            [req.peer],
+            Message("params", step=8, tensors=doubled),
+            True,
+            before_part=lambda part: before.append(list(part.tensors)),
+        )
+        assert len(trackers) == 3 and before == [["t0", "t1"], ["t2", "t3"], ["t4"]]
+        seen: list[list[str]] = []
+        reply = client.recv(awaiting="params", on_part=lambda part: seen.append(list(part.tensors)))
+        assert seen == before  # each part was handed over as it came, in order
         assert reply.step == 8 and list(reply.tensors) == list(doubled)
         assert all(torch.equal(reply.tensors[k], v) for k, v in doubled.items())
     finally:

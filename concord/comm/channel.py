@@ -28,6 +28,7 @@ import itertools
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,13 +152,20 @@ class ServerChannel:
         return self.reply_many([peer], msg, track)[0]
 
     def reply_many(
-        self, peers: list[bytes], msg: Message, track: bool = False
+        self,
+        peers: list[bytes],
+        msg: Message,
+        track: bool = False,
+        before_part: Callable[[Message], None] | None = None,
     ) -> list[zmq.MessageTracker | None]:
         """Send the same ``msg`` to every peer, each part encoded (and authenticated) once and
-        sent to all before the next is encoded. With ``track``: one tracker per part sent."""
+        sent to all before the next is encoded; ``before_part(part)`` runs just before a part
+        is encoded (even with no peers left). With ``track``: one tracker per part sent."""
         trackers: list[zmq.MessageTracker | None] = []
         live = list(peers)
         for part in split_message(msg, next(self._ids), self.part_bytes):
+            if before_part is not None:
+                before_part(part)
             frames = self.codec.encode(part)
             size = sum(_nbytes(f) for f in frames)
             for peer in list(live):
@@ -216,9 +224,16 @@ class ClientChannel:
                 frames = to_lane(frames, self._lanes[0])
             self.socket.send_multipart(frames, copy=False)
 
-    def recv(self, awaiting: str, timeout: float | None = None) -> Message:
+    def recv(
+        self,
+        awaiting: str,
+        timeout: float | None = None,
+        on_part: Callable[[Message], None] | None = None,
+    ) -> Message:
         """The next reply. Raises PeerTimeoutError after ``timeout`` (default: the channel's),
-        :class:`WireError` for an error reply or a reply that fails the wire checks."""
+        :class:`WireError` for an error reply or a reply that fails the wire checks.
+        ``on_part(part)`` sees each authenticated part of the reply as it arrives (the whole
+        reply when it is one part), before the reply is returned."""
         self._check()
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -235,12 +250,15 @@ class ClientChannel:
             try:
                 frames = from_lane(frames, self._lanes[1] if self._lanes else None)
                 self.bytes_in += sum(len(f) for f in frames)
-                msg = self._parts.add(b"", self.codec.decode(frames))
+                part = self.codec.decode(frames)
+                msg = self._parts.add(b"", part)
             except (WireError, ValueError) as exc:
                 exc = exc if isinstance(exc, WireError) else WireError("frames", str(exc))
                 raise WireError(
                     exc.kind, f"bad reply from {self.peer} ({awaiting}): {exc}"
                 ) from None
+            if on_part is not None and part.op != "error":
+                on_part(part)  # e.g. load this part while the next one is on its way
             if msg is not None:
                 return raise_if_error(msg, self.peer)
 

@@ -228,20 +228,38 @@ class PSOptimizer(DistributedOptimizer):
 
     def _collect(self, awaiting: str, timeout: float) -> None:
         for s, chan in enumerate(self.channels):
-            reply = chan.recv(awaiting=f"{awaiting} (worker {self.rank})", timeout=timeout)
-            self._load(s, reply)
+            loaded: set[str] = set()
+            reply = chan.recv(
+                awaiting=f"{awaiting} (worker {self.rank})",
+                timeout=timeout,
+                on_part=lambda part, s=s, loaded=loaded: loaded.update(self._copy_in(s, part)),
+            )
+            self._finish_load(s, reply, loaded)
+
+    def _load(self, s: int, reply: Message) -> None:
+        """Load a whole reply of server ``s`` (its parameters) into the model."""
+        self._finish_load(s, reply, self._copy_in(s, reply))
 
     @torch.no_grad()
-    def _load(self, s: int, reply: Message) -> None:
-        if reply.op != "params":
-            raise ProtocolError(f"server {s} answered {reply.op!r}, expected 'params'")
+    def _copy_in(self, s: int, part: Message) -> set[str]:
+        """Copy the pieces in ``part`` (all or some of server ``s``'s) into the model."""
+        if part.op != "params":
+            raise ProtocolError(f"server {s} answered {part.op!r}, expected 'params'")
         for pc, param, _ in self._slots[s]:
-            value = reply.tensors.get(pc.key)
-            if value is None or value.numel() != pc.numel:
-                raise ProtocolError(f"server {s} sent no or a wrong-size value for {pc.key}")
+            value = part.tensors.get(pc.key)
+            if value is None:
+                continue
+            if value.numel() != pc.numel:
+                raise ProtocolError(f"server {s} sent a wrong-size value for {pc.key}")
             _flat(param)[pc.start : pc.stop].copy_(value)
             if self.strategy.push == "delta":
                 self._base[pc.key] = value
+        return set(part.tensors)
+
+    def _finish_load(self, s: int, reply: Message, loaded: set[str]) -> None:
+        missing = [pc.key for pc, _, _ in self._slots[s] if pc.key not in loaded]
+        if missing:
+            raise ProtocolError(f"server {s} sent no value for {missing[:5]}")
         self.versions[s] = reply.step
 
 

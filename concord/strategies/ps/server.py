@@ -236,10 +236,21 @@ class ShardServer:
         assert self.sync is not None
         self._wait_trackers()
         result = self.sync.finish()
-        self.shard.apply_grads(result.grads)
         self.counts["applied"] += 1
         self.round_started = None
-        self.reply_params([self.waiting.pop(w) for w in result.contributors], copy=False)
+        peers = [self.waiting.pop(w) for w in result.contributors]
+        # each part of the reply steps just before it is signed and sent, so workers check
+        # and load part k while this server updates part k+1
+        version = self.shard.version + 1
+        msg = Message("params", step=version, tensors=self.shard.snapshot(copy=False))
+        trackers = self.chan.reply_many(
+            peers,
+            msg,
+            track=True,
+            before_part=lambda part: self.shard.apply_grads(result.grads, keys=part.tensors),
+        )
+        self.shard.version = version
+        self.trackers.extend(t for t in trackers if t is not None)
 
     def _wait_trackers(self) -> None:
         """Parameters are about to change in place: let zmq finish sending the last replies."""

@@ -8,7 +8,7 @@ parameter. Untrusted input (names, shapes, dtypes, optimizer settings) is valida
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -148,16 +148,22 @@ class Shard:
         if missing:
             raise WireError("shape", f"missing {what} for {missing[:5]}")
 
-    def apply_grads(self, grads: Mapping[str, torch.Tensor]) -> None:
-        """One optimizer step; pieces without a gradient are skipped (grad None)."""
+    def apply_grads(
+        self, grads: Mapping[str, torch.Tensor], keys: Iterable[str] | None = None
+    ) -> None:
+        """One optimizer step; pieces without a gradient are skipped (grad None). With
+        ``keys``, only those pieces step and the version stays (the caller advances it once
+        every piece has stepped: the optimizers are element-wise, so the result is the same)."""
         if self.optimizer is not None:
-            for key, value in self.values.items():
+            chosen = [self.values[k] for k in keys] if keys is not None else self.values.values()
+            for key, value in zip(keys if keys is not None else self.values, chosen):
                 grad = grads.get(key)
                 value.grad = None if grad is None else grad.reshape(-1).to(value.dtype)
             self.optimizer.step()
-            for value in self.values.values():
+            for value in chosen:
                 value.grad = None
-        self.version += 1
+        if keys is None:
+            self.version += 1
 
     def apply_deltas(self, deltas: Mapping[str, torch.Tensor]) -> None:
         """Add each worker's parameter change to the shard."""
