@@ -20,6 +20,7 @@ server has mapped them, so nothing leaks and no other process can open them.
 
 from __future__ import annotations
 
+import mmap
 import os
 import secrets
 from typing import Any
@@ -50,6 +51,9 @@ class Lane:
         self._mem = _map(path, HEADER + capacity, create)
         self._counters = np.frombuffer(self._mem, dtype=np.int64, count=2 * 8)
         self._data = np.frombuffer(self._mem, dtype=np.uint8, offset=HEADER)
+        # fault every page in now (before any frame is written, so nothing is overwritten):
+        # otherwise each of the first messages through the lane pays for fresh pages
+        self._data[:: mmap.PAGESIZE] = 0
         self._next = 0  # reader: where the next frame may start
         self.moved = 0  # bytes this side put into (writer) or took from (reader) the lane
 
