@@ -2,7 +2,7 @@
 
 - concord: ``PSOptimizer.step()`` with one worker and one server (sync mode, SGD): the
   gradient goes up, the server averages and steps, the new parameters come back; every
-  byte is authenticated (Poly1305 under a per-message key derived with HMAC-SHA256). On one
+  byte is authenticated (GMAC under a per-message key derived with HMAC-SHA256). On one
   host the bulk bytes go through shared-memory lanes; ``concord tcp`` is the same run with
   ``CONCORD_LANES=0`` (everything through the TCP socket, as between hosts).
 - raw zmq: a DEALER sends the same bytes as one frame, a ROUTER echoes them back (no auth).

@@ -7,13 +7,14 @@ A message travels as ZeroMQ frames ``[mac, header, buf0, buf1, ...]``:
   JSON map for the caller's own fields. Nothing is ever unpickled.
 - each tensor travels as its raw bytes, split into ``chunks`` frames of at most
   ``chunk_bytes`` (256 MiB by default, so most tensors are one frame and decode without a copy).
-- ``mac`` is ``nonce || tag``: 16 fresh random bytes and a Poly1305 tag over
-  ``len(header) || header || n || len(buf_1) || buf_1 || ... || len(buf_n) || buf_n`` under the
-  one-time key ``HMAC-SHA256(secret, TAG || nonce)`` (Poly1305 with a per-message key derived
-  from the job secret, as in ChaCha20-Poly1305 / RFC 8439). Every byte of every frame is
-  authenticated at ~12 GB/s on one core, where HMAC-SHA256 over the bytes managed 1.8 GB/s
-  and cost more than moving them. The receiver checks it in constant time *before* it parses
-  anything. A forgery succeeds with probability below ``L / 2**100`` for an ``L``-byte message.
+- ``mac`` is ``nonce || tag``: 16 fresh random bytes, and a GMAC (AES-256-GCM with no
+  plaintext) under the one-time key ``K = HMAC-SHA256(secret, TAG || nonce)``. Every frame
+  ``F_i`` (the header is frame 0) gets its own tag ``T_i = GMAC_K(IV=i, F_i)``; the message
+  tag is ``GMAC_K(IV=2**95, n || len(F_0) || T_0 || ... || len(F_n-1) || T_n-1)``. IVs never
+  repeat under a key and a key serves one message, as GMAC requires. Every byte of every
+  frame is authenticated at ~17 GB/s on one core (AES-NI and carry-less multiply through
+  OpenSSL), where HMAC-SHA256 over the bytes managed 1.8 GB/s and Poly1305 ~10 GB/s. The
+  receiver checks the tag in constant time *before* it parses anything.
 
 Checks on receipt (each a :class:`WireError` with a ``kind``): frame count and sizes, the MAC,
 the header's JSON and fields, the protocol version, dtype allow-list, shape versus byte count,
@@ -35,17 +36,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.poly1305 import Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from concord.errors import PeerTimeoutError, ProtocolError
 
 PROTOCOL_VERSION = 3
 NONCE_BYTES = 16
-MAC_BYTES = NONCE_BYTES + 16  # nonce || Poly1305 tag
+MAC_BYTES = NONCE_BYTES + 16  # nonce || GMAC tag
 CHUNK_BYTES = 256 << 20
 MAX_HEADER_BYTES = 1 << 20
 DEFAULT_MAX_BYTES = 4 << 30
-_TAG = b"concord-wire/3 poly1305 key"
+_TAG = b"concord-wire/3 gmac key"
+_SUMMARY_IV = (1 << 95).to_bytes(12, "little")  # never a frame index
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -118,20 +120,18 @@ def dtype_name(dtype: torch.dtype) -> str:
 def compute_mac(
     secret: bytes, header: Any, buffers: Sequence[Any], nonce: bytes | None = None
 ) -> bytes:
-    """The MAC frame ``nonce || tag`` of a message: a Poly1305 tag over the header and every
-    buffer frame (each preceded by its length) under the one-time key
-    ``HMAC-SHA256(secret, TAG || nonce)``; ``nonce`` is 16 fresh random bytes unless given."""
+    """The MAC frame ``nonce || tag`` of a message (see the module docstring); ``nonce`` is
+    16 fresh random bytes unless given."""
     nonce = os.urandom(NONCE_BYTES) if nonce is None else nonce
     if len(nonce) != NONCE_BYTES:
         raise ValueError(f"nonce must be {NONCE_BYTES} bytes, got {len(nonce)}")
-    poly = Poly1305(hmac.digest(secret, _TAG + nonce, "sha256"))
-    poly.update(len(header).to_bytes(8, "little"))
-    poly.update(header)
-    poly.update(len(buffers).to_bytes(8, "little"))
-    for buf in buffers:
-        poly.update(_len(buf).to_bytes(8, "little"))
-        poly.update(buf)
-    return nonce + poly.finalize()
+    gmac = AESGCM(hmac.digest(secret, _TAG + nonce, "sha256"))  # a one-time AES-256 key
+    frames = [header, *buffers]
+    summary = [len(frames).to_bytes(8, "little")]
+    for index, frame in enumerate(frames):  # a distinct IV for every frame under this key
+        summary.append(_len(frame).to_bytes(8, "little"))
+        summary.append(gmac.encrypt(index.to_bytes(12, "little"), b"", frame))
+    return nonce + gmac.encrypt(_SUMMARY_IV, b"", b"".join(summary))
 
 
 def verify_mac(secret: bytes, mac: Any, header: Any, buffers: Sequence[Any]) -> bool:
