@@ -99,6 +99,26 @@ def test_channel_moves_large_frames_through_lanes_and_falls_back_inline():
         server.close()
 
 
+def test_no_room_for_lanes_means_the_socket(monkeypatch):
+    from concord.errors import ConcordError
+
+    def full(*args, **kwargs):
+        raise ConcordError("cannot reserve 16777216 bytes of shared memory in /dev/shm")
+
+    server = ServerChannel(Codec(SECRET), name="test server")
+    client = ClientChannel(Codec(SECRET), server.address, "server 0", timeout=10)
+    try:
+        loop = _Loop(server)
+        monkeypatch.setattr(Lane, "create", full)
+        assert client.open_lanes() is False
+        t = torch.ones(1 << 18)
+        assert torch.equal(client.request(Message("push", tensors={"t": t})).tensors["t"], 2 * t)
+    finally:
+        loop.stop()
+        client.close()
+        server.close()
+
+
 def test_server_refuses_lanes_it_cannot_map():
     server = ServerChannel(Codec(SECRET), name="test server")
     client = ClientChannel(Codec(SECRET), server.address, "server 0", timeout=10)

@@ -44,7 +44,7 @@ from concord.comm.wire import (
     error_message,
     raise_if_error,
 )
-from concord.errors import PeerTimeoutError, ProtocolError
+from concord.errors import ConcordError, PeerTimeoutError, ProtocolError
 
 log = logging.getLogger("concord.wire")
 _LINGER_MS = 2000
@@ -267,8 +267,18 @@ class ClientChannel:
         Call before any other request. Large frames then skip the TCP loopback path."""
         if self._lanes is not None or not Lane.available():
             return self._lanes is not None
-        up = Lane.create(capacity) if capacity else Lane.create()
-        down = Lane.create(up.capacity)
+        try:
+            up = Lane.create(capacity) if capacity else Lane.create()
+        except (ConcordError, OSError) as exc:  # e.g. a small /dev/shm: use the socket
+            log.info("%s: no shared-memory lanes (%s)", self.peer, exc)
+            return False
+        try:
+            down = Lane.create(up.capacity)
+        except (ConcordError, OSError) as exc:
+            up.unlink()
+            up.close()
+            log.info("%s: no shared-memory lanes (%s)", self.peer, exc)
+            return False
         try:
             meta = {"up": up.path, "down": down.path, "capacity": up.capacity}
             reply = self.request(Message("lanes", meta=meta), awaiting="lanes")
