@@ -6,7 +6,7 @@ Started by the launcher::
 
 which runs ``python -m concord.data.server mnist`` with ``CONCORD_ROLE=data``. The server
 joins the job's rendezvous store, binds a ZeroMQ ROUTER socket (concord's authenticated wire:
-HMAC-SHA256, raw tensor frames, nothing unpickled), publishes its address under
+every message authenticated, raw tensor frames, nothing unpickled), publishes its address under
 ``concord/<attempt>/data/0/addr`` and serves until SIGTERM/SIGINT.
 
 Requests (``concord.comm.wire.Message``):
