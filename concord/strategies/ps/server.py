@@ -27,6 +27,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
@@ -140,14 +141,28 @@ class ShardServer:
             )
             self.chan.reply(req.peer, error_message(kind, str(exc)))
 
-    def reply_params(self, peers: bytes | list[bytes], copy: bool = True) -> None:
-        """Send the shard to ``peers``; ``copy=False`` (sync) sends the live tensors, tracked
-        so the next update waits until zmq has read them."""
+    def reply_params(
+        self, peers: bytes | list[bytes], grads: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """Send the shard to ``peers`` (a copy of it). With ``grads`` (a finished sync round)
+        send the live tensors instead, each reply part stepped with ``grads`` just before it is
+        signed and sent (workers check and load part k while this server updates part k+1),
+        and track them so the next update waits until zmq has read them."""
         peers = [peers] if isinstance(peers, bytes) else peers
-        values = self.shard.snapshot(copy=copy)
-        msg = Message("params", step=self.shard.version, tensors=values)
-        trackers = self.chan.reply_many(peers, msg, track=not copy)
-        self.trackers.extend(t for t in trackers if t is not None and not copy)
+        if grads is None:
+            msg = Message("params", step=self.shard.version, tensors=self.shard.snapshot(copy=True))
+            self.chan.reply_many(peers, msg)
+            return
+        version = self.shard.version + 1
+        msg = Message("params", step=version, tensors=self.shard.snapshot(copy=False))
+        trackers = self.chan.reply_many(
+            peers,
+            msg,
+            track=True,
+            before_part=lambda part: self.shard.apply_grads(grads, keys=part.tensors),
+        )
+        self.shard.version = version
+        self.trackers.extend(t for t in trackers if t is not None)
 
     # -- operations -------------------------------------------------------------------------
     def on_register(self, req: Request) -> None:
@@ -238,19 +253,7 @@ class ShardServer:
         result = self.sync.finish()
         self.counts["applied"] += 1
         self.round_started = None
-        peers = [self.waiting.pop(w) for w in result.contributors]
-        # each part of the reply steps just before it is signed and sent, so workers check
-        # and load part k while this server updates part k+1
-        version = self.shard.version + 1
-        msg = Message("params", step=version, tensors=self.shard.snapshot(copy=False))
-        trackers = self.chan.reply_many(
-            peers,
-            msg,
-            track=True,
-            before_part=lambda part: self.shard.apply_grads(result.grads, keys=part.tensors),
-        )
-        self.shard.version = version
-        self.trackers.extend(t for t in trackers if t is not None)
+        self.reply_params([self.waiting.pop(w) for w in result.contributors], result.grads)
 
     def _wait_trackers(self) -> None:
         """Parameters are about to change in place: let zmq finish sending the last replies."""

@@ -154,15 +154,17 @@ class Shard:
         """One optimizer step; pieces without a gradient are skipped (grad None). With
         ``keys``, only those pieces step and the version stays (the caller advances it once
         every piece has stepped: the optimizers are element-wise, so the result is the same)."""
+        whole = keys is None
+        keys = list(self.values) if keys is None else list(keys)
         if self.optimizer is not None:
-            chosen = [self.values[k] for k in keys] if keys is not None else self.values.values()
-            for key, value in zip(keys if keys is not None else self.values, chosen):
+            for key in keys:
                 grad = grads.get(key)
+                value = self.values[key]
                 value.grad = None if grad is None else grad.reshape(-1).to(value.dtype)
             self.optimizer.step()
-            for value in chosen:
-                value.grad = None
-        if keys is None:
+            for key in keys:
+                self.values[key].grad = None
+        if whole:
             self.version += 1
 
     def apply_deltas(self, deltas: Mapping[str, torch.Tensor]) -> None:
