@@ -200,6 +200,8 @@ def test_sync_ps_with_large_pieces_parts_and_lanes_equals_one_process(servers, l
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     stats = job.results[0][1]
     moved = sum(s["lane_bytes_in"] + s["lane_bytes_out"] for s in stats)
+    for s in stats:  # what went through lanes is counted in bytes_in/out too
+        assert s["bytes_in"] >= s["lane_bytes_in"] and s["bytes_out"] >= s["lane_bytes_out"]
     if lanes == "0":
         assert moved == 0
     elif Lane.available():  # 3 steps x 2 workers x 5 MB each way, plus registration

@@ -34,7 +34,7 @@ from typing import Any
 
 import zmq
 
-from concord.comm.lanes import Lane, from_lane, to_lane
+from concord.comm.lanes import LANE_BYTES, Lane, from_lane, to_lane
 from concord.comm.parts import PART_BYTES, PartAssembler, split_message
 from concord.comm.wire import (
     MAX_HEADER_BYTES,
@@ -105,11 +105,10 @@ class ServerChannel:
                 return None
             frames = self.socket.recv_multipart(copy=False)
             peer, body = frames[0].bytes, frames[1:]
-            nbytes = sum(len(f) for f in body)
-            self.bytes_in += nbytes
             try:
                 lanes = self._lanes.get(peer)
                 body = from_lane(body, lanes[0] if lanes else None)
+                self.bytes_in += sum(len(f) for f in body)  # lane bytes count too, as sent
                 msg = self._parts.add(peer, self.codec.decode(body))
                 if msg is not None and msg.op == "lanes":
                     self._accept_lanes(peer, msg)
@@ -267,28 +266,23 @@ class ClientChannel:
         Call before any other request. Large frames then skip the TCP loopback path."""
         if self._lanes is not None or not Lane.available():
             return self._lanes is not None
+        lanes: list[Lane] = []
         try:
-            up = Lane.create(capacity) if capacity else Lane.create()
-        except (ConcordError, OSError) as exc:  # e.g. a small /dev/shm: use the socket
-            log.info("%s: no shared-memory lanes (%s)", self.peer, exc)
-            return False
-        try:
-            down = Lane.create(up.capacity)
-        except (ConcordError, OSError) as exc:
-            up.unlink()
-            up.close()
-            log.info("%s: no shared-memory lanes (%s)", self.peer, exc)
-            return False
-        try:
+            lanes.append(Lane.create(capacity or LANE_BYTES))
+            lanes.append(Lane.create(lanes[0].capacity))
+            up, down = lanes
             meta = {"up": up.path, "down": down.path, "capacity": up.capacity}
             reply = self.request(Message("lanes", meta=meta), awaiting="lanes")
+            why = None if reply.meta.get("ok") is True else reply.meta.get("why", "refused")
+        except (ConcordError, OSError) as exc:  # e.g. a small /dev/shm: use the socket
+            why = exc
         finally:
-            up.unlink()  # mapped by both sides (or refused): nothing left to find
-            down.unlink()
-        if reply.meta.get("ok") is not True:
-            log.info("%s: no shared-memory lanes (%s)", self.peer, reply.meta.get("why"))
-            up.close()
-            down.close()
+            for lane in lanes:  # mapped by both sides (or refused): nothing left to find
+                lane.unlink()
+        if why is not None:
+            log.info("%s: no shared-memory lanes (%s)", self.peer, why)
+            for lane in lanes:
+                lane.close()
             return False
         self._lanes = (up, down)
         return True

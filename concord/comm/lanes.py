@@ -3,11 +3,11 @@
 A :class:`Lane` is a one-way byte ring in a shared-memory file with one writer and one reader.
 When a client and its server share a host (and ``/dev/shm``), the client creates two lanes
 (up and down) and offers them to the server (op ``lanes``); from then on a large buffer frame
-is copied into the lane and the ZeroMQ message carries a 16-byte descriptor in its place.
-The receiver copies the bytes out into its own memory, frees the lane space, and hands the
-restored frames to :class:`~concord.comm.wire.Codec`, which checks the MAC over them exactly
-as if they had come through the socket: the MAC, the header and every check are unchanged,
-and nothing is read from the lane after it was authenticated.
+is copied into the lane and the ZeroMQ message carries its (frame index, lane position,
+length) in its place. The receiver copies the bytes out into its own memory, frees the lane
+space, and hands the restored frames to :class:`~concord.comm.wire.Codec`, which checks the
+MAC over them exactly as if they had come through the socket: the MAC, the header and every
+check are unchanged, and nothing is read from the lane after it was authenticated.
 
 One memory copy on each side replaces the TCP loopback path (a copy into the kernel, a copy
 out of it, and the I/O threads' wake-ups). A lane never blocks: a frame that does not fit in
