@@ -8,7 +8,9 @@ MNIST preloaded, its own shard) for ``--warmup`` steps, then ``--steps`` timed s
 (loading, forward, backward, step). A job's samples/s = N * batch / (the slowest worker's
 median step time); with ``--repeats`` > 1 the median over jobs is reported. All
 configurations run in the same invocation, so the ratio "sync PS (S=2) / AllReduce at N=4"
-compares peers under the same machine load.
+compares peers under the same machine load. ``CPU ms/step`` is the CPU time (all threads)
+that every process of the job (workers and servers) spent per timed step: on a host where
+the cores are the bottleneck it says where the time goes, and it is steadier than samples/s.
 ``--quick``: N=4 only (AllReduce, sync PS S=2 without and with overlap, async PS S=2), fewer
 steps. ``+overlap`` rows use ``ParameterServer(overlap=True)``.
 """
@@ -50,22 +52,37 @@ def worker(args: argparse.Namespace) -> None:
     data = concord.data.mnist("train")
     batches = iter(concord.data.loader(data, batch_size=args.batch, rank=ctx.rank))
     times = []
-    for _ in range(args.warmup + args.steps):
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:  # CPU of this worker (all its threads) and of the servers
+            cpu, server_cpu = time.process_time(), _server_cpu(opt, ctx.rank)
         start = time.perf_counter()
         x, y = next(batches)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
         times.append(time.perf_counter() - start)
+    cpu = (time.process_time() - cpu) / args.steps
+    server_cpu = (_server_cpu(opt, ctx.rank) - server_cpu) / args.steps
     if hasattr(opt, "close"):
         opt.close()
     step = statistics.median(times[args.warmup :])
-    print(MARK + json.dumps({"rank": ctx.rank, "seconds": step}), flush=True)
+    result = {"rank": ctx.rank, "seconds": step, "cpu": cpu, "server_cpu": server_cpu}
+    print(MARK + json.dumps(result), flush=True)
     concord.shutdown()
 
 
-def run_job(strategy: str, workers: int, servers: int, args: argparse.Namespace) -> float:
-    """samples/s of one job: N * batch / the slowest worker's median step time."""
+def _server_cpu(opt, rank: int) -> float:  # noqa: ANN001
+    """The servers' CPU seconds so far, summed (asked by worker 0 only; 0 without servers)."""
+    if rank != 0 or not hasattr(opt, "server_stats"):
+        return 0.0
+    return sum(s["cpu_seconds"] for s in opt.server_stats())
+
+
+def run_job(
+    strategy: str, workers: int, servers: int, args: argparse.Namespace
+) -> tuple[float, float]:
+    """One job: samples/s (N * batch / the slowest worker's median step time) and the CPU
+    milliseconds that all of its processes (workers and servers) spent per timed step."""
     cmd = [sys.executable, "-m", "concord.cli", "run", "-n", str(workers)]
     if servers:
         cmd += ["--servers", str(servers)]
@@ -73,17 +90,16 @@ def run_job(strategy: str, workers: int, servers: int, args: argparse.Namespace)
     cmd += ["--warmup", str(args.warmup), "--batch", str(args.batch)]
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    times = [
-        json.loads(line.split(MARK, 1)[1])["seconds"]
-        for line in proc.stdout.splitlines()
-        if MARK in line
+    results = [
+        json.loads(line.split(MARK, 1)[1]) for line in proc.stdout.splitlines() if MARK in line
     ]
-    if proc.returncode != 0 or len(times) != workers:
+    if proc.returncode != 0 or len(results) != workers:
         raise RuntimeError(
             f"{strategy} N={workers} S={servers} failed ({proc.returncode}):\n"
             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
-    return workers * args.batch / max(times)
+    cpu = sum(r["cpu"] + r["server_cpu"] for r in results)
+    return workers * args.batch / max(r["seconds"] for r in results), 1e3 * cpu
 
 
 def configs(quick: bool) -> list[tuple[str, int, int]]:
@@ -119,16 +135,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps = 50
     rows = []
-    print(f"{'strategy':<16} {'N':>2} {'S':>2} {'samples/s':>10}", flush=True)
+    print(f"{'strategy':<16} {'N':>2} {'S':>2} {'samples/s':>10} {'CPU ms/step':>12}", flush=True)
     for strategy, n, s in configs(args.quick):
-        rate = statistics.median(run_job(strategy, n, s, args) for _ in range(args.repeats))
-        rows.append({"strategy": strategy, "workers": n, "servers": s, "samples_per_s": rate})
-        print(f"{strategy:<16} {n:>2} {s or '-':>2} {rate:10.0f}", flush=True)
-    rate = {(r["strategy"], r["workers"], r["servers"]): r["samples_per_s"] for r in rows}
-    ratio = rate[("ps-sync", 4, 2)] / rate[("allreduce", 4, 0)]
+        jobs = [run_job(strategy, n, s, args) for _ in range(args.repeats)]
+        rate = statistics.median(rate for rate, _ in jobs)
+        cpu = statistics.median(cpu for _, cpu in jobs)
+        rows.append(
+            {
+                "strategy": strategy,
+                "workers": n,
+                "servers": s,
+                "samples_per_s": rate,
+                "cpu_ms_per_step": cpu,
+            }
+        )
+        print(f"{strategy:<16} {n:>2} {s or '-':>2} {rate:10.0f} {cpu:12.1f}", flush=True)
+    by = {(r["strategy"], r["workers"], r["servers"]): r for r in rows}
+    ps, ar = by[("ps-sync", 4, 2)], by[("allreduce", 4, 0)]
+    ratio = ps["samples_per_s"] / ar["samples_per_s"]
+    cpu_ratio = ps["cpu_ms_per_step"] / ar["cpu_ms_per_step"]
     print(f"sync PS (S=2) / AllReduce at N=4: {ratio:.2f} (goal >= 0.9)")
+    print(f"CPU per step, sync PS (S=2) / AllReduce at N=4: {cpu_ratio:.2f} (2 shared cores)")
     summary = {"benchmark": "strategies", "steps": args.steps, "repeats": args.repeats}
-    print(json.dumps(summary | {"results": rows, "sync_ps_s2_vs_allreduce_n4": ratio}))
+    print(
+        json.dumps(
+            summary
+            | {
+                "results": rows,
+                "sync_ps_s2_vs_allreduce_n4": ratio,
+                "cpu_ps_s2_vs_allreduce_n4": cpu_ratio,
+            }
+        )
+    )
     return 0
 
 

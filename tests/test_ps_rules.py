@@ -4,6 +4,7 @@ decisions driven through a fake channel (deterministic: no sockets, no timing)."
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from types import SimpleNamespace
 
@@ -345,6 +346,7 @@ def test_server_holds_a_worker_that_runs_too_far_ahead():
     stats = server.stats()
     assert stats["max_lead"] == 1 and stats["gate_waits"] == 1
     assert stats["staleness"] == {"0": 2, "2": 1, "3": 1}
+    assert 0 < stats["cpu_seconds"] <= time.process_time()  # this process is the server
 
 
 def test_server_sync_round_with_backup_worker_and_min_workers_timeout():

@@ -371,7 +371,7 @@ class ShardServer:
 
     # -- stats ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Versions, staleness and lead histograms, bytes, dropped late gradients."""
+        """Versions, staleness and lead histograms, bytes, dropped late gradients, CPU time."""
         dropped = self.sync.dropped[-_DROPPED_LOG:] if self.sync is not None else []
         return {
             "server": self.rank,
@@ -392,6 +392,7 @@ class ShardServer:
             "rejected": dict(self.chan.rejected),
             "done": sorted(self.done),
             "lost": sorted(self.lost),
+            "cpu_seconds": time.process_time(),  # this server process, all threads
         }
 
     def log_stats(self) -> None:
