@@ -117,7 +117,7 @@ class ServerChannel:
                     return Request(peer, msg, msg.nbytes)
                 continue  # more parts are due: keep polling until the deadline
             except (WireError, ValueError) as exc:
-                exc = exc if isinstance(exc, WireError) else WireError("frames", str(exc))
+                exc = _wire_error(exc)
                 self._parts.drop(peer)
                 self.rejected[exc.kind] += 1
                 log.warning("%s: rejected a message from peer %s: %s", self.name, peer.hex(), exc)
@@ -252,7 +252,7 @@ class ClientChannel:
                 part = self.codec.decode(frames)
                 msg = self._parts.add(b"", part)
             except (WireError, ValueError) as exc:
-                exc = exc if isinstance(exc, WireError) else WireError("frames", str(exc))
+                exc = _wire_error(exc)
                 raise WireError(
                     exc.kind, f"bad reply from {self.peer} ({awaiting}): {exc}"
                 ) from None
@@ -306,6 +306,11 @@ class ClientChannel:
         for lane in self._lanes or ():
             lane.close()
         self._lanes = None
+
+
+def _wire_error(exc: Exception) -> WireError:
+    """``exc`` as a WireError: a ValueError from parts or lanes is a malformed frame."""
+    return exc if isinstance(exc, WireError) else WireError("frames", str(exc))
 
 
 def _nbytes(frame: Any) -> int:
