@@ -157,16 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sync PS (S=2) / AllReduce at N=4: {ratio:.2f} (goal >= 0.9)")
     print(f"CPU per step, sync PS (S=2) / AllReduce at N=4: {cpu_ratio:.2f} (2 shared cores)")
     summary = {"benchmark": "strategies", "steps": args.steps, "repeats": args.repeats}
-    print(
-        json.dumps(
-            summary
-            | {
-                "results": rows,
-                "sync_ps_s2_vs_allreduce_n4": ratio,
-                "cpu_ps_s2_vs_allreduce_n4": cpu_ratio,
-            }
-        )
-    )
+    summary["results"] = rows
+    summary["sync_ps_s2_vs_allreduce_n4"] = ratio
+    summary["cpu_ps_s2_vs_allreduce_n4"] = cpu_ratio
+    print(json.dumps(summary))
     return 0
 
 
