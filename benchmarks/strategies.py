@@ -18,6 +18,7 @@ steps. ``+overlap`` rows use ``ParameterServer(overlap=True)``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -50,7 +51,7 @@ def worker(args: argparse.Namespace) -> None:
         strategy = concord.ParameterServer(mode=mode, overlap=extra == "overlap")
     model, opt = concord.distribute(model, opt, strategy, ctx=ctx)
     data = concord.data.mnist("train")
-    batches = iter(concord.data.loader(data, batch_size=args.batch, rank=ctx.rank))
+    batches = _forever(concord.data.loader(data, batch_size=args.batch, rank=ctx.rank))
     times = []
     for i in range(args.warmup + args.steps):
         if i == args.warmup:  # CPU of this worker (all its threads) and of the servers
@@ -69,6 +70,13 @@ def worker(args: argparse.Namespace) -> None:
     result = {"rank": ctx.rank, "seconds": step, "cpu": cpu, "server_cpu": server_cpu}
     print(MARK + json.dumps(result), flush=True)
     concord.shutdown()
+
+
+def _forever(loader):  # noqa: ANN001, ANN202
+    """The loader's batches, epoch after epoch (so any ``--steps`` fits)."""
+    for epoch in itertools.count():
+        loader.sampler.set_epoch(epoch)
+        yield from loader
 
 
 def _server_cpu(opt, rank: int) -> float:  # noqa: ANN001

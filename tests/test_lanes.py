@@ -52,6 +52,18 @@ def test_lane_rejects_descriptors_outside_what_was_written(pair):
         reader.take(position, 100)
 
 
+def test_a_viewed_frame_keeps_its_space_until_released(pair):
+    writer, reader = pair
+    first = writer.put(np.full(600, 7, dtype=np.uint8))
+    view = reader.view(first, 600)
+    assert (view == 7).all() and view.base is not None  # in place, no copy
+    assert writer.put(np.zeros(600, dtype=np.uint8)) is None  # still taken
+    with pytest.raises(LaneError, match="out of bounds"):  # behind the reader now
+        reader.view(first, 600)
+    reader.release()
+    assert writer.put(np.zeros(600, dtype=np.uint8)) is not None
+
+
 def test_attach_accepts_only_lane_files(tmp_path):
     with pytest.raises(ValueError, match="not a concord lane"):
         Lane.attach("/etc/passwd", 1000)
@@ -99,6 +111,37 @@ def test_channel_moves_large_frames_through_lanes_and_falls_back_inline():
         server.close()
 
 
+def test_views_are_lane_memory_until_the_next_poll_and_parts_are_copied():
+    server = ServerChannel(Codec(SECRET), name="test server", lane_views=True)
+    client = ClientChannel(Codec(SECRET), server.address, "server 0", timeout=10)
+    try:
+        seen: list[tuple[bool, torch.Tensor]] = []
+        loop = _Loop(server, seen)
+        assert client.open_lanes(capacity=3 << 20) is True
+        up, down = client._lanes
+        t = torch.randn(1 << 18)  # 1 MB: one part, through the lane
+        got: list[torch.Tensor] = []
+        reply = client.request(Message("push", tensors={"t": t}), awaiting="echo")
+        assert torch.equal(reply.tensors["t"], 2 * t)
+        in_lane, value = seen[-1]
+        assert in_lane and torch.equal(value, t)  # the server read it in place
+        client.part_bytes = 1 << 20  # 2 MB in two parts: the server copies them
+        t2 = torch.randn(1 << 19)
+        client.send(Message("push", tensors={"a": t2[: 1 << 18], "b": t2[1 << 18 :]}))
+        reply = client.recv("echo", on_part=lambda p: got.extend(p.tensors.values()), views=True)
+        assert not reply.tensors and torch.equal(torch.cat(got), 2 * t2)
+        assert not any(inside for inside, _ in seen[-2:])
+        for _ in range(8):  # 8 x 1 MB through a 3 MB lane: space is freed as requests end
+            client.request(Message("push", tensors={"t": t}), awaiting="echo")
+        assert up.moved == down.moved == 11 << 20
+        with pytest.raises(ValueError, match="needs on_part"):
+            client.recv("echo", views=True)
+    finally:
+        loop.stop()
+        client.close()
+        server.close()
+
+
 def test_no_room_for_lanes_means_the_socket(monkeypatch):
     from concord.errors import ConcordError
 
@@ -136,12 +179,13 @@ def test_server_refuses_lanes_it_cannot_map():
 
 
 class _Loop:
-    """Echo every request with its tensors doubled, on a thread."""
+    """Echo every request with its tensors doubled, on a thread; ``seen`` records, for each
+    tensor received, whether it was lane memory and a copy of its value."""
 
-    def __init__(self, server: ServerChannel) -> None:
+    def __init__(self, server: ServerChannel, seen: list | None = None) -> None:
         import threading
 
-        self.server, self.running = server, True
+        self.server, self.running, self.seen = server, True, seen
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -149,6 +193,11 @@ class _Loop:
         while self.running:
             req = self.server.poll(timeout=0.05)
             if req is not None:
+                if self.seen is not None:
+                    lanes = [up._data.ctypes.data for up, _ in self.server._lanes.values()]
+                    for v in req.msg.tensors.values():
+                        inside = any(a <= v.data_ptr() < a + (16 << 20) for a in lanes)
+                        self.seen.append((inside, v.clone()))
                 doubled = {k: 2 * v for k, v in req.msg.tensors.items()}
                 self.server.reply(req.peer, Message("echo", tensors=doubled))
 

@@ -29,10 +29,12 @@ class RoundResult:
 class SyncAggregator:
     """One shard's synchronous rounds: wait for ``len(live) - backup_workers`` gradients.
 
-    ``push`` takes ownership of the gradient tensors (the first one of each key becomes the
-    running sum) and returns ``"counted"``, ``"complete"`` (this push filled the round; call
+    ``push`` reads the gradient tensors only while it runs (they may be views of a receive
+    buffer): each key's running sum is this aggregator's own buffer, reused from round to
+    round. It returns ``"counted"``, ``"complete"`` (this push filled the round; call
     ``finish``) or ``"late"`` (a gradient for an old step: dropped and recorded in
-    ``dropped``). Missing gradients of a contributor count as zero in the average, which
+    ``dropped``). The averages ``finish`` returns live in those buffers: use them before the
+    next round's first push. Missing gradients of a contributor count as zero in the average, which
     equals one process computing the mean loss over the global batch.
     """
 
@@ -42,6 +44,7 @@ class SyncAggregator:
     live: set[int] = field(default_factory=set)
     dropped: list[tuple[int, int]] = field(default_factory=list)
     _sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    _buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     _contributors: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -85,8 +88,11 @@ class SyncAggregator:
         for key, grad in grads.items():
             if key in self._sums:
                 self._sums[key].add_(grad)
-            else:  # the round owns the first gradient (received memory): no copy
-                self._sums[key] = grad
+                continue
+            total = self._buffers.get(key)
+            if total is None or total.shape != grad.shape or total.dtype != grad.dtype:
+                total = self._buffers[key] = torch.empty_like(grad)
+            self._sums[key] = total.copy_(grad)
         return "complete" if self.complete else "counted"
 
     def finish(self) -> RoundResult:

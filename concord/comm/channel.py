@@ -29,13 +29,13 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import zmq
 
 from concord.comm.lanes import LANE_BYTES, Lane, from_lane, to_lane
-from concord.comm.parts import PART_BYTES, PartAssembler, split_message
+from concord.comm.parts import PART_BYTES, PART_KEY, PartAssembler, split_message
 from concord.comm.wire import (
     MAX_HEADER_BYTES,
     Codec,
@@ -66,9 +66,17 @@ class Request:
 class ServerChannel:
     """A bound ROUTER socket that receives authenticated requests and replies to them."""
 
-    def __init__(self, codec: Codec, host: str = "127.0.0.1", port: int = 0, name: str = "server"):
+    def __init__(
+        self,
+        codec: Codec,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        name: str = "server",
+        lane_views: bool = False,
+    ):
         self.codec = codec
         self.name = name
+        self.lane_views = lane_views
         self.socket = _context().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, _LINGER_MS)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -83,6 +91,7 @@ class ServerChannel:
         self._parts = PartAssembler(codec.max_bytes)
         self._ids = itertools.count()
         self._lanes: dict[bytes, tuple[Lane, Lane]] = {}  # peer -> (its up lane, down lane)
+        self._held: list[Lane] = []  # lanes the last request's tensors are views of
         self.rejected: Counter[str] = Counter()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -96,8 +105,13 @@ class ServerChannel:
         """The next authenticated request, or None if none came within ``timeout`` seconds.
 
         Rejected messages are answered with an error reply and skipped; a multi-part message
-        is returned once its last part is in.
+        is returned once its last part is in. With ``lane_views``, the tensors of a one-part
+        request that came through a lane are views of the lane, valid until the next poll
+        (copy what must live longer).
         """
+        for lane in self._held:  # the last request's views are dead now
+            lane.release()
+        self._held = []
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
@@ -107,9 +121,16 @@ class ServerChannel:
             peer, body = frames[0].bytes, frames[1:]
             try:
                 lanes = self._lanes.get(peer)
-                body = from_lane(body, lanes[0] if lanes else None)
+                views = self.lane_views and lanes is not None
+                body = from_lane(body, lanes[0] if lanes else None, copy=not views)
                 self.bytes_in += sum(len(f) for f in body)  # lane bytes count too, as sent
-                msg = self._parts.add(peer, self.codec.decode(body))
+                if views:
+                    self._held.append(lanes[0])  # (also when decode fails: freed next poll)
+                part = self.codec.decode(body)
+                if views and PART_KEY in part.meta:  # the assembler keeps it past this poll
+                    part = replace(part, tensors={k: t.clone() for k, t in part.tensors.items()})
+                    lanes[0].release()
+                msg = self._parts.add(peer, part)
                 if msg is not None and msg.op == "lanes":
                     self._accept_lanes(peer, msg)
                     continue
@@ -228,12 +249,19 @@ class ClientChannel:
         awaiting: str,
         timeout: float | None = None,
         on_part: Callable[[Message], None] | None = None,
+        views: bool = False,
     ) -> Message:
         """The next reply. Raises PeerTimeoutError after ``timeout`` (default: the channel's),
         :class:`WireError` for an error reply or a reply that fails the wire checks.
         ``on_part(part)`` sees each authenticated part of the reply as it arrives (the whole
-        reply when it is one part), before the reply is returned."""
+        reply when it is one part), before the reply is returned. With ``views`` (and
+        ``on_part``) the parts' tensors that came through a lane are views of it, valid only
+        inside ``on_part`` (it copies what it keeps), and the returned reply has no tensors."""
         self._check()
+        if views and on_part is None:
+            raise ValueError("recv(views=True) needs on_part: the views die when it returns")
+        down = self._lanes[1] if self._lanes else None
+        views = views and down is not None
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while True:
@@ -247,19 +275,27 @@ class ClientChannel:
                 )
             frames = self.socket.recv_multipart(copy=False)
             try:
-                frames = from_lane(frames, self._lanes[1] if self._lanes else None)
-                self.bytes_in += sum(len(f) for f in frames)
-                part = self.codec.decode(frames)
-                msg = self._parts.add(b"", part)
-            except (WireError, ValueError) as exc:
-                exc = _wire_error(exc)
-                raise WireError(
-                    exc.kind, f"bad reply from {self.peer} ({awaiting}): {exc}"
-                ) from None
-            if on_part is not None and part.op != "error":
-                on_part(part)  # e.g. load this part while the next one is on its way
+                msg, part = self._decode(frames, down, views, awaiting)
+                if on_part is not None and part.op != "error":
+                    on_part(part)  # e.g. load this part while the next one is on its way
+            finally:
+                if views:
+                    down.release()
             if msg is not None:
                 return raise_if_error(msg, self.peer)
+
+    def _decode(
+        self, frames: list[Any], down: Lane | None, views: bool, awaiting: str
+    ) -> tuple[Message | None, Message]:
+        """(the whole reply once its last part is in, else None; this part)."""
+        try:
+            frames = from_lane(frames, down, copy=not views)
+            self.bytes_in += sum(len(f) for f in frames)
+            part = self.codec.decode(frames)
+            return self._parts.add(b"", replace(part, tensors={}) if views else part), part
+        except (WireError, ValueError) as exc:
+            exc = _wire_error(exc)
+            raise WireError(exc.kind, f"bad reply from {self.peer} ({awaiting}): {exc}") from None
 
     def open_lanes(self, capacity: int | None = None) -> bool:
         """Offer the server shared-memory lanes (same host only); True if it took them.

@@ -4,18 +4,22 @@ A :class:`Lane` is a one-way byte ring in a shared-memory file with one writer a
 When a client and its server share a host (and ``/dev/shm``), the client creates two lanes
 (up and down) and offers them to the server (op ``lanes``); from then on a large buffer frame
 is copied into the lane and the ZeroMQ message carries its (frame index, lane position,
-length) in its place. The receiver copies the bytes out into its own memory, frees the lane
-space, and hands the restored frames to :class:`~concord.comm.wire.Codec`, which checks the
-MAC over them exactly as if they had come through the socket: the MAC, the header and every
-check are unchanged, and nothing is read from the lane after it was authenticated.
+length) in its place. The receiver copies the bytes out into its own memory and frees the
+lane space (or, where the caller asks for views, reads them in place and frees the space once
+it is done), and hands the restored frames to :class:`~concord.comm.wire.Codec`, which
+checks the MAC over them exactly as if they had come through the socket: the MAC, the header
+and every check are unchanged. Reading in place after the check trusts no one new: once both
+ends have mapped a lane its file is gone, so only the authenticated peer (which could send any
+bytes anyway) can still write there, and it never reuses space the reader has not freed.
 
-One memory copy on each side replaces the TCP loopback path (a copy into the kernel, a copy
-out of it, and the I/O threads' wake-ups). A lane never blocks: a frame that does not fit in
-its free space travels inline through the socket. Positions are 64-bit byte counters in the
-lane's header, written after the data they publish (x86-64 keeps stores in order, and every
-descriptor reaches the reader through a socket send, a full barrier); lanes are used only
-where :meth:`Lane.available` says so. Files are created ``0600`` and unlinked as soon as the
-server has mapped them, so nothing leaks and no other process can open them.
+One memory copy on each side (none on the reading side with views) replaces the TCP loopback
+path (a copy into the kernel, a copy out of it, and the I/O threads' wake-ups). A lane never
+blocks: a frame that does not fit in its free space travels inline through the socket.
+Positions are 64-bit byte counters in the lane's header, written after the data they publish
+(x86-64 keeps stores in order, and every descriptor reaches the reader through a socket send,
+a full barrier); lanes are used only where :meth:`Lane.available` says so. Files are created
+``0600`` and unlinked as soon as the server has mapped them, so nothing leaks and no other
+process can open them.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ class Lane:
         # fault every page in now (before any frame is written, so nothing is overwritten):
         # otherwise each of the first messages through the lane pays for fresh pages
         self._data[:: mmap.PAGESIZE] = 0
-        self._next = 0  # reader: where the next frame may start
+        self._next = 0  # reader: where the next frame may start (all before it may be freed)
+        self._closed = False
         self.moved = 0  # bytes this side put into (writer) or took from (reader) the lane
 
     @staticmethod
@@ -103,22 +108,35 @@ class Lane:
     # -- reader -----------------------------------------------------------------------------
     def take(self, position: int, nbytes: int) -> np.ndarray:
         """Copy out the frame at ``position`` and free its space (frames come in order)."""
+        out = self.view(position, nbytes).copy()
+        self.release()
+        return out
+
+    def view(self, position: int, nbytes: int) -> np.ndarray:
+        """The frame at ``position`` in place (no copy); its space stays taken until
+        :meth:`release`, so the writer cannot reuse it while the view is read."""
         offset = position % self.capacity if position >= 0 else -1
         written = int(self._counters[_WRITTEN])
         if position < self._next or offset < 0 or offset + nbytes > self.capacity:
             raise LaneError(f"lane descriptor ({position}, {nbytes}) is out of bounds")
         if position + nbytes > written or nbytes < 0:
             raise LaneError(f"lane descriptor ({position}, {nbytes}) was never written")
-        out = np.empty(nbytes, dtype=np.uint8)
-        out[:] = self._data[offset : offset + nbytes]
         self._next = position + nbytes
-        self._counters[_READ] = self._next
         self.moved += nbytes
-        return out
+        return self._data[offset : offset + nbytes]
+
+    def release(self) -> None:
+        """Free every frame viewed so far for the writer (views of them must be dead)."""
+        if not self._closed:
+            self._counters[_READ] = self._next
 
     def close(self) -> None:
+        self._closed = True
         del self._counters, self._data
-        self._mem.close()
+        try:
+            self._mem.close()
+        except BufferError:  # a view is still alive somewhere: the mapping goes with it
+            pass
 
 
 # -- frames ---------------------------------------------------------------------------------
@@ -143,9 +161,11 @@ def to_lane(frames: list[Any], lane: Lane) -> list[Any]:
     return [LANE_MARK + np.array(placed, dtype=np.int64).tobytes(), *inline]
 
 
-def from_lane(frames: list[Any], lane: Lane | None) -> list[Any]:
-    """The frames as sent (``[mac, header, *buffers]``), large ones copied out of ``lane``.
-    Raises :class:`LaneError` for a map that does not fit the message or the lane."""
+def from_lane(frames: list[Any], lane: Lane | None, copy: bool = True) -> list[Any]:
+    """The frames as sent (``[mac, header, *buffers]``), large ones copied out of ``lane``
+    (with ``copy=False``: views of it, whose space the caller frees with ``lane.release()``
+    once they are dead). Raises :class:`LaneError` for a map that does not fit the message
+    or the lane."""
     if not frames or len(frames[0]) == MAC_BYTES:
         return frames
     first = memoryview(frames[0]).cast("B")
@@ -166,6 +186,6 @@ def from_lane(frames: list[Any], lane: Lane | None) -> list[Any]:
             out.append(next(inline, None))
             if out[-1] is None:
                 raise LaneError(f"lane map names frame {index} past the message's end")
-        out.append(lane.take(position, nbytes))
+        out.append(lane.take(position, nbytes) if copy else lane.view(position, nbytes))
     out.extend(inline)
     return out

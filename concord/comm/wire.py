@@ -26,6 +26,8 @@ This module knows nothing of sockets; :mod:`concord.comm.channel` moves the fram
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import hmac
 import json
 import math
@@ -125,13 +127,20 @@ def compute_mac(
     nonce = os.urandom(NONCE_BYTES) if nonce is None else nonce
     if len(nonce) != NONCE_BYTES:
         raise ValueError(f"nonce must be {NONCE_BYTES} bytes, got {len(nonce)}")
-    gmac = AESGCM(hmac.digest(secret, _TAG + nonce, "sha256"))  # a one-time AES-256 key
+    keyed = _keyed(secret).copy()  # HMAC-SHA256 with the secret's pads already hashed
+    keyed.update(_TAG + nonce)
+    gmac = AESGCM(keyed.digest())  # a one-time AES-256 key
     frames = [header, *buffers]
     summary = [len(frames).to_bytes(8, "little")]
     for index, frame in enumerate(frames):  # a distinct IV for every frame under this key
         summary.append(_len(frame).to_bytes(8, "little"))
         summary.append(gmac.encrypt(index.to_bytes(12, "little"), b"", frame))
     return nonce + gmac.encrypt(_SUMMARY_IV, b"", b"".join(summary))
+
+
+@functools.lru_cache(maxsize=8)
+def _keyed(secret: bytes) -> hmac.HMAC:
+    return hmac.new(secret, digestmod=hashlib.sha256)
 
 
 def verify_mac(secret: bytes, mac: Any, header: Any, buffers: Sequence[Any]) -> bool:

@@ -233,6 +233,7 @@ class PSOptimizer(DistributedOptimizer):
                 awaiting=f"{awaiting} (worker {self.rank})",
                 timeout=timeout,
                 on_part=lambda part, s=s, loaded=loaded: loaded.update(self._copy_in(s, part)),
+                views=self.strategy.push == "grad",  # copied into the model, never kept
             )
             self._finish_load(s, reply, loaded)
 

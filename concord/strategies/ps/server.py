@@ -28,7 +28,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -194,8 +194,8 @@ class ShardServer:
             pending, self.pending = self.pending, []
             for _, waiting in pending:
                 self.dispatch(waiting)
-        else:
-            self.pending.append((time.monotonic(), req))
+        else:  # kept past the next poll: no tensors (they may be views of a lane)
+            self.pending.append((time.monotonic(), replace(req, msg=replace(msg, tensors={}))))
 
     def _start_mode(self, strategy: ParameterServer) -> None:
         if strategy.mode == "sync":
@@ -433,7 +433,10 @@ def main() -> int:
         log.error("concord.strategies.ps.server runs with CONCORD_ROLE=server, got %r", ctx.role)
         return 2
     hosts = bind_hosts(ctx.master_addr)
-    chan = ServerChannel(Codec(ctx.secret), host=hosts.bind, name=f"server {ctx.rank}")
+    # pushes are read in place from the lanes: every handler uses them before the next poll
+    chan = ServerChannel(
+        Codec(ctx.secret), host=hosts.bind, name=f"server {ctx.rank}", lane_views=True
+    )
     address = hosts.url(chan.port)
     publish_address(ctx.store, f"{ctx.store_prefix}server/{ctx.rank}/addr", address)
     log.info(

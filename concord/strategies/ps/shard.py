@@ -59,6 +59,7 @@ class Shard:
         self.values: dict[str, torch.Tensor] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self._groups: dict[int, dict[str, Any]] = {}
+        self._expected: dict[str, dict[str, Any]] = {}  # piece key -> its description
         self.version = 0
 
     @property
@@ -83,6 +84,7 @@ class Shard:
             self.optimizer = opt_spec.build(by_group)
             self._map_groups(by_group)
         self.config, self.metas, self.values = dict(config), metas, values
+        self._expected = dict(zip(keys, metas))
 
     def _map_groups(self, by_group: list[list[torch.Tensor]]) -> None:
         assert self.optimizer is not None
@@ -129,7 +131,7 @@ class Shard:
         require_all: bool = False,
     ) -> None:
         """Every tensor must name one of the pieces with its dtype and size."""
-        expected = {_key(m): m for m in (self.metas if metas is None else metas)}
+        expected = self._expected if metas is None else {_key(m): m for m in metas}
         for key, tensor in tensors.items():
             meta = expected.get(key)
             if meta is None:
