@@ -69,6 +69,32 @@ def test_concurrent_clients_get_their_rows(server):
     assert srv.served >= 6 * 40
 
 
+@pytest.mark.parametrize("lanes", ["1", "0"])
+def test_large_batches_come_through_shared_memory_on_one_host(monkeypatch, lanes):
+    from concord.comm.lanes import Lane
+
+    monkeypatch.setenv("CONCORD_LANES", lanes)
+    secret = secrets.token_bytes(32)
+    x = torch.randn(256, 784)  # a batch of 64 rows is 200 KB: lane-sized
+    srv = DataServer([x, torch.arange(256)], Codec(secret), max_batch=64)
+    stop = threading.Event()
+    thread = threading.Thread(target=srv.serve, args=(stop, 0.05), daemon=True)
+    thread.start()
+    try:
+        c = DataClient(srv.address, secret, timeout=30)
+        wanted = [torch.randperm(256)[:64] for _ in range(6)]
+        for index, (xb, yb) in zip(wanted, c.fetch_all(wanted, depth=3)):
+            assert torch.equal(yb, index) and torch.equal(xb, x[index])
+        c.close()
+        used = lanes == "1" and Lane.available()
+        assert (srv.channel.lane_bytes[1] >= 6 * 64 * 784 * 4) == used
+        assert (srv.channel.lane_bytes[1] == 0) == (not used)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        srv.close()
+
+
 def test_bad_requests_get_error_replies_and_server_stays_up(server):
     srv, secret = server
     c = DataClient(srv.address, secret, timeout=30)

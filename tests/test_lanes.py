@@ -64,6 +64,17 @@ def test_a_viewed_frame_keeps_its_space_until_released(pair):
     assert writer.put(np.zeros(600, dtype=np.uint8)) is not None
 
 
+def test_closing_a_lane_with_a_live_view_leaves_the_mapping_to_it():
+    writer = Lane.create(1000)
+    reader = Lane.attach(writer.path, 1000)
+    writer.unlink()
+    view = reader.view(writer.put(np.full(10, 3, dtype=np.uint8)), 10)
+    reader.close()  # no BufferError: the mapping stays while the view lives
+    reader.release()  # and a closed lane ignores a late release
+    assert (view == 3).all()
+    writer.close()
+
+
 def test_attach_accepts_only_lane_files(tmp_path):
     with pytest.raises(ValueError, match="not a concord lane"):
         Lane.attach("/etc/passwd", 1000)

@@ -152,6 +152,22 @@ def test_sync_round_averages_and_treats_a_missing_gradient_as_zero():
     assert "c" not in result.grads  # no gradient anywhere: the optimizer skips it
 
 
+def test_sync_round_reads_gradients_only_while_pushed_and_reuses_its_buffers():
+    agg = SyncAggregator(workers=2)
+    received = torch.tensor([1.0, 2.0])  # e.g. a view of a lane: reused after the push
+    agg.push(0, 0, {"a": received})
+    received.fill_(100.0)
+    agg.push(1, 0, {"a": torch.tensor([3.0, 4.0])})
+    first = agg.finish().grads["a"]
+    assert torch.equal(first, torch.tensor([2.0, 3.0])) and torch.equal(
+        received, torch.full((2,), 100.0)
+    )
+    agg.push(0, 1, {"a": torch.tensor([5.0, 5.0])})
+    agg.push(1, 1, {"a": torch.tensor([1.0, 1.0])})
+    second = agg.finish().grads["a"]
+    assert torch.equal(second, torch.tensor([3.0, 3.0])) and second.data_ptr() == first.data_ptr()
+
+
 def test_sync_round_with_a_backup_worker_drops_the_late_one():
     agg = SyncAggregator(workers=3, backup_workers=1)
     agg.push(2, 0, {"a": torch.ones(1)})

@@ -9,7 +9,10 @@ A :class:`ClientChannel` connects a DEALER socket to one server. Replies come ba
 order requests were sent (one server loop per socket); every wait has a timeout whose
 :class:`~concord.errors.PeerTimeoutError` names the peer and what was awaited. Tensors are
 sent without copies (zmq keeps a reference until the bytes are on the socket); received
-tensors share the received frames' memory.
+tensors share the received frames' memory. On one host a client may offer its server
+shared-memory lanes (:mod:`concord.comm.lanes`) for the large frames; a receiver that uses
+what it gets at once can read them in place (``ServerChannel(lane_views=True)``,
+``ClientChannel.recv(views=True)``).
 
 Example (the data server and the parameter servers use exactly this)::
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -342,6 +346,11 @@ class ClientChannel:
         for lane in self._lanes or ():
             lane.close()
         self._lanes = None
+
+
+def lanes_wanted() -> bool:
+    """Whether clients offer their servers shared-memory lanes (``CONCORD_LANES=0``: never)."""
+    return os.environ.get("CONCORD_LANES", "1") != "0"
 
 
 def _wire_error(exc: Exception) -> WireError:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from concord.algorithms.assign import num_batches
-from concord.comm.channel import ClientChannel
+from concord.comm.channel import ClientChannel, lanes_wanted
 from concord.comm.discovery import wait_for_address
 from concord.comm.rendezvous import connect_store, read_env
 from concord.comm.runtime import DEFAULT_TIMEOUT, Context, current
@@ -67,6 +67,8 @@ class DataClient:
     def __init__(self, address: str, secret: bytes, timeout: float | None = None) -> None:
         timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         self.channel = ClientChannel(Codec(secret), address, peer=PEER, timeout=timeout)
+        if lanes_wanted():  # same host as the server: batches come through /dev/shm
+            self.channel.open_lanes()
         self._next = 0
         self._info: DatasetInfo | None = None
 

@@ -19,7 +19,6 @@ comes back, so ``zero_grad()`` after ``step()`` is safe).
 from __future__ import annotations
 
 import logging
-import os
 import weakref
 from typing import Any
 
@@ -34,7 +33,7 @@ from concord.algorithms.ps_plan import (
     spec_from_optimizer,
 )
 from concord.comm.alloc import keep_freed_memory
-from concord.comm.channel import ClientChannel
+from concord.comm.channel import ClientChannel, lanes_wanted
 from concord.comm.discovery import wait_for_address
 from concord.comm.wire import Codec, Message, dtype_name
 from concord.errors import ProtocolError, UsageError
@@ -95,7 +94,7 @@ def connect(
         key = f"{ctx.store_prefix}server/{s}/addr"
         address = wait_for_address(ctx.store, key, f"server {s}", ctx.timeout, hint)
         chan = ClientChannel(codec, address, f"server {s}", ctx.timeout)
-        if os.environ.get("CONCORD_LANES", "1") != "0":  # same host: bulk bytes via /dev/shm
+        if lanes_wanted():  # same host: bulk bytes via /dev/shm
             chan.open_lanes()
         channels.append(chan)
     cls = PSOptimizer
