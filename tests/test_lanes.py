@@ -173,6 +173,22 @@ def test_no_room_for_lanes_means_the_socket(monkeypatch):
         server.close()
 
 
+def test_offering_lanes_to_a_silent_server_is_a_timeout_naming_it():
+    import zmq
+
+    from concord.errors import PeerTimeoutError
+
+    silent = zmq.Context.instance().socket(zmq.ROUTER)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    client = ClientChannel(Codec(SECRET), f"tcp://127.0.0.1:{port}", "server 3", timeout=0.3)
+    try:
+        with pytest.raises(PeerTimeoutError, match=r"server 3 .* \(awaiting lanes\)"):
+            client.open_lanes(capacity=1 << 20)
+    finally:
+        client.close()
+        silent.close(linger=0)
+
+
 def test_server_refuses_lanes_it_cannot_map():
     server = ServerChannel(Codec(SECRET), name="test server")
     client = ClientChannel(Codec(SECRET), server.address, "server 0", timeout=10)

@@ -34,8 +34,8 @@ class SyncAggregator:
     round. It returns ``"counted"``, ``"complete"`` (this push filled the round; call
     ``finish``) or ``"late"`` (a gradient for an old step: dropped and recorded in
     ``dropped``). The averages ``finish`` returns live in those buffers: use them before the
-    next round's first push. Missing gradients of a contributor count as zero in the average, which
-    equals one process computing the mean loss over the global batch.
+    next round's first push. Missing gradients of a contributor count as zero in the
+    average, which equals one process computing the mean loss over the global batch.
     """
 
     workers: int

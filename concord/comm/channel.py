@@ -314,6 +314,10 @@ class ClientChannel:
             meta = {"up": up.path, "down": down.path, "capacity": up.capacity}
             reply = self.request(Message("lanes", meta=meta), awaiting="lanes")
             why = None if reply.meta.get("ok") is True else reply.meta.get("why", "refused")
+        except PeerTimeoutError:  # a server that does not answer this answers nothing
+            for lane in lanes:
+                lane.close()
+            raise
         except (ConcordError, OSError) as exc:  # e.g. a small /dev/shm: use the socket
             why = exc
         finally:
