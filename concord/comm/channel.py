@@ -119,7 +119,7 @@ class ServerChannel:
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            if not self.socket.poll(left_ms, zmq.POLLIN):
+            if not _readable(self.socket, left_ms):
                 return None
             frames = self.socket.recv_multipart(copy=False)
             peer, body = frames[0].bytes, frames[1:]
@@ -270,7 +270,7 @@ class ClientChannel:
         deadline = time.monotonic() + timeout
         while True:
             left = max(0.0, deadline - time.monotonic())
-            if not self.socket.poll(int(left * 1000), zmq.POLLIN):
+            if not _readable(self.socket, int(left * 1000)):
                 self._broken = f"it timed out awaiting {awaiting}"
                 raise PeerTimeoutError(
                     f"{self.peer} at {self.address} did not answer within {timeout:g}s "
@@ -350,6 +350,14 @@ class ClientChannel:
         for lane in self._lanes or ():
             lane.close()
         self._lanes = None
+
+
+def _readable(socket: zmq.Socket, timeout_ms: int) -> bool:
+    """Whether a message is waiting on ``socket``, waiting up to ``timeout_ms`` for one. A
+    message already queued is seen without a poll (a system call and a Poller per wait)."""
+    if socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        return True
+    return bool(zmq.zmq_poll([(socket, zmq.POLLIN)], timeout_ms))
 
 
 def lanes_wanted() -> bool:
