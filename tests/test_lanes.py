@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from concord.comm.channel import ClientChannel, ServerChannel
-from concord.comm.lanes import Lane, LaneError, from_lane, to_lane
+from concord.comm.lanes import Lane, LaneError, pack_frames, unpack_frames
 from concord.comm.wire import Codec, Message, WireError
 
 SECRET = bytes(range(32))
@@ -90,18 +90,44 @@ def test_frames_through_a_lane_are_still_authenticated(pair, monkeypatch):
     codec = Codec(SECRET)
     big, small = torch.arange(200, dtype=torch.float32), torch.ones(2)  # 800 and 8 bytes
     frames = codec.encode(Message("push", tensors={"big": big, "small": small}))
-    sent = to_lane(frames, writer)
-    assert sent[1:] == [frames[0], frames[1], frames[3]]  # the big buffer went into the lane
-    msg = codec.decode(from_lane(sent, reader))
+    plain = pack_frames(frames, None)  # no lane: one head frame (MAC and header), then buffers
+    assert plain == [bytes(frames[0]) + bytes(frames[1]), frames[2], frames[3]]
+    assert codec.decode(unpack_frames(plain, None)).tensors.keys() == {"big", "small"}
+    sent = pack_frames(frames, writer)
+    assert len(sent) == 2 and sent[1] is frames[3]  # the big buffer went into the lane
+    assert sent[0].startswith(lanes.LANE_MARK) and sent[0].endswith(plain[0])
+    msg = codec.decode(unpack_frames(sent, reader))
     assert torch.equal(msg.tensors["big"], big) and torch.equal(msg.tensors["small"], small)
     with pytest.raises(LaneError, match="no lane"):
-        from_lane(sent, None)
-    sent = to_lane(frames, writer)
-    position = int(np.frombuffer(sent[0][len(lanes.LANE_MARK) :], dtype=np.int64)[1])
-    writer._data[position % writer.capacity + 5] ^= 1  # someone changes the bytes in the lane
+        unpack_frames(sent, None)
+    sent = pack_frames(frames, writer)
+    table = np.frombuffer(sent[0][len(lanes.LANE_MARK) + 8 : len(lanes.LANE_MARK) + 32], np.int64)
+    assert table[0] == 0 and table[2] == 800  # (buffer 0, its lane position, 800 bytes)
+    writer._data[int(table[1]) % writer.capacity + 5] ^= 1  # someone changes the lane's bytes
     with pytest.raises(WireError) as err:
-        codec.decode(from_lane(sent, reader))
+        codec.decode(unpack_frames(sent, reader))
     assert err.value.kind == "auth"
+
+
+@pytest.mark.parametrize(
+    "count, triples, inline, why",
+    [
+        (0, [], 1, "malformed"),
+        (3, [0, 0, 8], 1, "malformed"),  # 3 entries need 72 bytes; the head has 64 after the count
+        (1, [3, 0, 8], 1, "out of order or past the end"),  # only buffers 0 and 1 exist
+        (2, [0, 0, 8, 0, 8, 8], 0, "out of order"),
+        (2, [1, 0, 8, 0, 8, 8], 0, "past the message's end"),  # buffer 0 inline: none is
+        (1, [0, 1 << 40, 8], 1, "never written"),
+        (1, [0, 990, 20], 1, "out of bounds"),  # would run past the lane's end
+    ],
+)
+def test_a_forged_lane_map_is_rejected(pair, count, triples, inline, why):
+    import concord.comm.lanes as lanes
+
+    pair[0].put(np.zeros(64, np.uint8))
+    head = lanes.LANE_MARK + count.to_bytes(8, "little") + np.array(triples, np.int64).tobytes()
+    with pytest.raises(LaneError, match=why):
+        unpack_frames([head + bytes(40), *[b"inline"] * inline], pair[1])
 
 
 def test_channel_moves_large_frames_through_lanes_and_falls_back_inline():

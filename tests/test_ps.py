@@ -353,6 +353,7 @@ def _intrude(address: str, secret: bytes) -> None:
     import zmq
 
     from concord.comm.channel import ClientChannel
+    from concord.comm.lanes import unpack_frames
     from concord.comm.wire import Codec, Message, WireError
 
     intruder = ClientChannel(Codec(b"not the job secret"), address, "server 0", timeout=30)
@@ -362,9 +363,9 @@ def _intrude(address: str, secret: bytes) -> None:
     intruder.close()
     raw = zmq.Context.instance().socket(zmq.DEALER)
     raw.connect(address)
-    raw.send_multipart([b"x" * 32, b'{"op": "pull"}'])
+    raw.send_multipart([b"x" * 32 + b'{"op": "pull"}'])  # a forged MAC before the header
     assert raw.poll(30000)
-    reply = Codec(secret).decode(raw.recv_multipart())  # what came back: an error, no tensors
+    reply = Codec(secret).decode(unpack_frames(raw.recv_multipart(), None))  # an error, no data
     assert reply.op == "error" and reply.meta["kind"] == "auth" and not reply.tensors
     raw.close(linger=0)
 

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from concord.comm.channel import ClientChannel, ServerChannel
+from concord.comm.lanes import pack_frames, unpack_frames
 from concord.comm.wire import (
     DTYPES,
     MAC_BYTES,
@@ -270,9 +271,9 @@ def test_server_answers_bad_messages_and_keeps_serving(server):
     ]
     kinds = []
     for frames in bad:
-        raw.send_multipart(frames)
+        raw.send_multipart(pack_frames(frames, None))  # as a client puts them on the socket
         _pump(server, raw)
-        reply = Codec(SECRET).decode(raw.recv_multipart())
+        reply = Codec(SECRET).decode(unpack_frames(raw.recv_multipart(), None))
         assert reply.op == "error" and not reply.tensors
         kinds.append(reply.meta["kind"])
     assert kinds == ["auth", "version", "frames", "frames", "dtype", "oversize"]

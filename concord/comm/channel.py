@@ -38,7 +38,7 @@ from typing import Any
 
 import zmq
 
-from concord.comm.lanes import LANE_BYTES, Lane, from_lane, to_lane
+from concord.comm.lanes import LANE_BYTES, Lane, pack_frames, unpack_frames
 from concord.comm.parts import PART_BYTES, PART_KEY, PartAssembler, split_message
 from concord.comm.wire import (
     MAX_HEADER_BYTES,
@@ -126,7 +126,7 @@ class ServerChannel:
             try:
                 lanes = self._lanes.get(peer)
                 views = self.lane_views and lanes is not None
-                body = from_lane(body, lanes[0] if lanes else None, copy=not views)
+                body = unpack_frames(body, lanes[0] if lanes else None, copy=not views)
                 self.bytes_in += sum(len(f) for f in body)  # lane bytes count too, as sent
                 if views:
                     self._held.append(lanes[0])  # (also when decode fails: freed next poll)
@@ -194,7 +194,7 @@ class ServerChannel:
             size = sum(_nbytes(f) for f in frames)
             for peer in list(live):
                 lanes = self._lanes.get(peer)
-                out = to_lane(frames, lanes[1]) if lanes else frames
+                out = pack_frames(frames, lanes[1] if lanes else None)
                 try:
                     trackers.append(
                         self.socket.send_multipart([peer, *out], copy=False, track=track)
@@ -244,8 +244,7 @@ class ClientChannel:
         for part in split_message(msg, next(self._ids), self.part_bytes):
             frames = self.codec.encode(part)
             self.bytes_out += sum(_nbytes(f) for f in frames)
-            if self._lanes:
-                frames = to_lane(frames, self._lanes[0])
+            frames = pack_frames(frames, self._lanes[0] if self._lanes else None)
             self.socket.send_multipart(frames, copy=False)
 
     def recv(
@@ -293,7 +292,7 @@ class ClientChannel:
     ) -> tuple[Message | None, Message]:
         """(the whole reply once its last part is in, else None; this part)."""
         try:
-            frames = from_lane(frames, down, copy=not views)
+            frames = unpack_frames(frames, down, copy=not views)
             self.bytes_in += sum(len(f) for f in frames)
             part = self.codec.decode(frames)
             return self._parts.add(b"", replace(part, tensors={}) if views else part), part

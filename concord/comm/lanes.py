@@ -139,53 +139,63 @@ class Lane:
             pass
 
 
-# -- frames ---------------------------------------------------------------------------------
-LANE_MARK = b"concord-lane/1"  # starts the first frame of a message with frames in a lane
+# -- socket frames --------------------------------------------------------------------------
+LANE_MARK = b"concord-lane/2"  # starts the head frame of a message with buffers in a lane
+_COUNT = 8  # bytes of the map's entry count after the mark
 
 
-def to_lane(frames: list[Any], lane: Lane) -> list[Any]:
-    """``[mac, header, *buffers]`` with each large buffer that fits moved into ``lane``:
-    ``[LANE_MARK + map, mac, header, *buffers left inline]`` where ``map`` lists
-    ``(frame index, lane position, bytes)`` as int64 triples."""
+def pack_frames(frames: list[Any], lane: Lane | None) -> list[Any]:
+    """What goes on the socket for codec frames ``[mac, header, *buffers]``: one head frame,
+    ``mac || header``, then the buffers; with ``lane``, each large buffer that fits moves into
+    it and the head becomes ``LANE_MARK || n || map || mac || header``, where ``map`` lists
+    ``(buffer index, lane position, bytes)`` as ``n`` int64 triples."""
+    mac, header, buffers = frames[0], frames[1], frames[2:]
     placed: list[int] = []
-    inline = list(frames[:2])
-    for i in range(2, len(frames)):
-        nbytes = memoryview(frames[i]).nbytes
-        position = lane.put(frames[i]) if nbytes >= MIN_FRAME_BYTES else None
+    inline = []
+    for i, buf in enumerate(buffers):
+        position = None
+        if lane is not None and memoryview(buf).nbytes >= MIN_FRAME_BYTES:
+            position = lane.put(buf)
         if position is None:
-            inline.append(frames[i])
+            inline.append(buf)
         else:
-            placed += [i, position, nbytes]
-    if not placed:
-        return frames
-    return [LANE_MARK + np.array(placed, dtype=np.int64).tobytes(), *inline]
+            placed += [i, position, memoryview(buf).nbytes]
+    head = bytes(mac) + bytes(header)
+    if placed:
+        count = (len(placed) // 3).to_bytes(_COUNT, "little")
+        head = LANE_MARK + count + np.array(placed, dtype=np.int64).tobytes() + head
+    return [head, *inline]
 
 
-def from_lane(frames: list[Any], lane: Lane | None, copy: bool = True) -> list[Any]:
-    """The frames as sent (``[mac, header, *buffers]``), large ones copied out of ``lane``
-    (with ``copy=False``: views of it, whose space the caller frees with ``lane.release()``
-    once they are dead). Raises :class:`LaneError` for a map that does not fit the message
-    or the lane."""
-    if not frames or len(frames[0]) == MAC_BYTES:
-        return frames
-    first = memoryview(frames[0]).cast("B")
-    if first[: len(LANE_MARK)] != LANE_MARK:
-        return frames
+def unpack_frames(frames: list[Any], lane: Lane | None, copy: bool = True) -> list[Any]:
+    """The codec frames ``[mac, header, *buffers]`` of a message as it came off the socket,
+    large buffers copied out of ``lane`` (with ``copy=False``: views of it, whose space the
+    caller frees with ``lane.release()`` once they are dead). A head too short for a MAC
+    yields a short MAC frame, which the codec rejects. Raises :class:`LaneError` for a map
+    that does not fit the message or the lane."""
+    if not frames:
+        return [b"", b""]
+    head = memoryview(frames[0]).cast("B")
+    inline = frames[1:]
+    if head[: len(LANE_MARK)] != LANE_MARK:
+        return [head[:MAC_BYTES], head[MAC_BYTES:], *inline]
     if lane is None:
         raise LaneError("a shared-memory lane message from a peer that has no lane")
-    table = first[len(LANE_MARK) :]
-    if not table.nbytes or table.nbytes % 24:
+    start = len(LANE_MARK) + _COUNT
+    count = int.from_bytes(head[len(LANE_MARK) : start], "little")
+    stop = start + 24 * count
+    if count < 1 or stop > head.nbytes:
         raise LaneError("malformed lane map")
-    triples = np.frombuffer(table, dtype=np.int64).reshape(-1, 3).tolist()
-    inline = iter(frames[1:])
-    out: list[Any] = []
+    triples = np.frombuffer(head[start:stop], dtype=np.int64).reshape(-1, 3).tolist()
+    rest, buffers = head[stop:], []
+    pending = iter(inline)
     for index, position, nbytes in triples:
-        if index < max(2, len(out)):
-            raise LaneError(f"lane map names frame {index} out of order")
-        while len(out) < index:
-            out.append(next(inline, None))
-            if out[-1] is None:
-                raise LaneError(f"lane map names frame {index} past the message's end")
-        out.append(lane.take(position, nbytes) if copy else lane.view(position, nbytes))
-    out.extend(inline)
-    return out
+        if index < len(buffers) or index >= len(inline) + count:
+            raise LaneError(f"lane map names buffer {index} out of order or past the end")
+        while len(buffers) < index:
+            buffers.append(next(pending, None))
+            if buffers[-1] is None:
+                raise LaneError(f"lane map names buffer {index} past the message's end")
+        buffers.append(lane.take(position, nbytes) if copy else lane.view(position, nbytes))
+    buffers.extend(pending)
+    return [rest[:MAC_BYTES], rest[MAC_BYTES:], *buffers]

@@ -1,6 +1,7 @@
 """The wire format: a small JSON header plus raw tensor frames, authenticated with a MAC.
 
-A message travels as ZeroMQ frames ``[mac, header, buf0, buf1, ...]``:
+A message is the frames ``[mac, header, buf0, buf1, ...]`` (on the socket the MAC and the
+header share one frame, see :func:`concord.comm.lanes.pack_frames`):
 
 - ``header`` is compact JSON: ``{"version", "op", "worker", "step", "meta", "buffers"}``
   where each buffer entry is ``{"key", "dtype", "shape", "chunks"}`` and ``meta`` is a small
@@ -42,7 +43,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from concord.errors import PeerTimeoutError, ProtocolError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 NONCE_BYTES = 16
 MAC_BYTES = NONCE_BYTES + 16  # nonce || GMAC tag
 CHUNK_BYTES = 256 << 20
