@@ -3,7 +3,7 @@
 A :class:`Lane` is a one-way byte ring in a shared-memory file with one writer and one reader.
 When a client and its server share a host (and ``/dev/shm``), the client creates two lanes
 (up and down) and offers them to the server (op ``lanes``); from then on a large buffer frame
-is copied into the lane and the ZeroMQ message carries its (frame index, lane position,
+is copied into the lane and the ZeroMQ message carries its (buffer index, lane position,
 length) in its place. The receiver copies the bytes out into its own memory and frees the
 lane space (or, where the caller asks for views, reads them in place and frees the space once
 it is done), and hands the restored frames to :class:`~concord.comm.wire.Codec`, which
@@ -153,13 +153,12 @@ def pack_frames(frames: list[Any], lane: Lane | None) -> list[Any]:
     placed: list[int] = []
     inline = []
     for i, buf in enumerate(buffers):
-        position = None
-        if lane is not None and memoryview(buf).nbytes >= MIN_FRAME_BYTES:
-            position = lane.put(buf)
+        nbytes = memoryview(buf).nbytes
+        position = lane.put(buf) if lane is not None and nbytes >= MIN_FRAME_BYTES else None
         if position is None:
             inline.append(buf)
         else:
-            placed += [i, position, memoryview(buf).nbytes]
+            placed += [i, position, nbytes]
     head = bytes(mac) + bytes(header)
     if placed:
         count = (len(placed) // 3).to_bytes(_COUNT, "little")
