@@ -107,7 +107,8 @@ class Lane:
 
     # -- reader -----------------------------------------------------------------------------
     def take(self, position: int, nbytes: int) -> np.ndarray:
-        """Copy out the frame at ``position`` and free its space (frames come in order)."""
+        """Copy out the frame at ``position`` and free its space, with that of every frame
+        viewed before it (frames come in order)."""
         out = self.view(position, nbytes).copy()
         self.release()
         return out
