@@ -126,8 +126,8 @@ def _serve(chan: ServerChannel, stop: threading.Event, answer_pushes: bool) -> N
         req = chan.poll(timeout=0.05)
         if req is None:
             continue
-        if req.msg.op == "register":
-            values = req.msg.tensors
+        if req.msg.op == "register":  # one pack: the pieces in order
+            values = {"pack0": torch.cat([t.reshape(-1) for t in req.msg.tensors.values()])}
         if req.msg.op == "register" or (answer_pushes and req.msg.op == "push"):
             chan.reply(req.peer, Message("params", step=0, tensors=values))
         elif answer_pushes and req.msg.op == "goodbye":

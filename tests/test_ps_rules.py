@@ -18,6 +18,7 @@ from concord.algorithms.ps_plan import (
     ParamInfo,
     Piece,
     hyperparameters,
+    pack_pieces,
     plan_shards,
     spec_from_optimizer,
 )
@@ -55,6 +56,20 @@ def test_plan_moves_a_cut_in_a_small_tensor_to_its_nearest_edge():
 def test_plan_cuts_pieces_to_at_most_piece_bytes():
     plan = plan_shards([_info("a", 10), _info("b", 2)], 1, piece_bytes=16)
     assert [pc.key for pc in plan.shards[0]] == ["a[0:4]", "a[4:8]", "a[8:10]", "b[0:2]"]
+
+
+def test_packs_are_runs_of_one_dtype_within_the_byte_limit():
+    pieces = [("a", "float32", 4, 3), ("b", "float32", 4, 1), ("c", "float32", 4, 2)]
+    pieces += [("d", "int64", 8, 2), ("e", "int64", 8, 0), ("f", "float32", 4, 5)]
+    packs = pack_pieces(pieces, piece_bytes=16)
+    assert [(p.key, p.dtype, p.members) for p in packs] == [
+        ("pack0", "float32", (("a", 0, 3), ("b", 3, 1))),  # c would make 24 B > 16
+        ("pack1", "float32", (("c", 0, 2),)),
+        ("pack2", "int64", (("d", 0, 2), ("e", 2, 0))),
+        ("pack3", "float32", (("f", 0, 5),)),  # a piece over the limit is a pack of its own
+    ]
+    assert [p.numel for p in packs] == [4, 2, 2, 5] and packs[0].sizes == [3, 1]
+    assert pack_pieces([]) == ()
 
 
 def test_plan_with_one_server_and_more_servers_than_tensors():
@@ -150,6 +165,17 @@ def test_sync_round_averages_and_treats_a_missing_gradient_as_zero():
     assert torch.equal(result.grads["a"], torch.tensor([2.0, 3.0]))
     assert torch.equal(result.grads["b"], torch.tensor([1.0]))  # (0 + 2) / 2
     assert "c" not in result.grads  # no gradient anywhere: the optimizer skips it
+
+
+def test_sync_round_skips_only_the_pieces_absent_from_every_push():
+    agg = SyncAggregator(workers=3)
+    agg.push(0, 0, {"pack0": torch.tensor([2.0, 0.0, 0.0])}, absent=frozenset({"b", "c"}))
+    agg.push(1, 0, {"pack0": torch.tensor([4.0, 3.0, 0.0])}, absent=frozenset({"c"}))
+    agg.push(2, 0, {"pack0": torch.tensor([0.0, 0.0, 0.0])}, absent=frozenset({"a", "b", "c"}))
+    result = agg.finish()
+    assert result.absent == {"c"} and torch.equal(result.grads["pack0"], torch.tensor([2.0, 1, 0]))
+    agg.push(0, 1, {"pack0": torch.ones(3)})  # a new round forgets the last one's absences
+    assert agg.finish().absent == frozenset()
 
 
 def test_sync_round_reads_gradients_only_while_pushed_and_reuses_its_buffers():
@@ -257,6 +283,48 @@ def test_shard_checks_every_worker_against_worker_0():
     assert torch.equal(shard.values["w[0:2]"], torch.full((2,), 0.5)) and shard.version == 2
 
 
+def test_shard_keeps_pieces_as_views_of_packs_and_checks_pushed_packs():
+    config = ParameterServer().config(1)
+    metas = _metas(shape=(2,), name="w") + _metas(shape=(3,), name="v")
+    metas += _metas(shape=(1,), name="n", dtype="float64")
+    initial = {"w[0:2]": torch.ones(2), "v[0:3]": torch.full((3,), 2.0)}
+    initial["n[0:1]"] = torch.tensor([7.0], dtype=torch.float64)
+    shard = Shard(0)
+    spec = {"name": "SGD", "groups": [{"lr": 0.5, "momentum": 0.9}]}
+    shard.register_first(config, metas, spec, initial)
+    assert [(p.key, p.dtype, p.numel) for p in shard.packs] == [
+        ("pack0", "float32", 5),
+        ("pack1", "float64", 1),
+    ]
+    assert torch.equal(shard.snapshot(copy=True)["pack0"], torch.tensor([1.0, 1, 2, 2, 2]))
+    assert shard.pieces_in(["pack1", "pack0"]) == ["w[0:2]", "v[0:3]", "n[0:1]"]
+    good = {"pack0": torch.ones(5), "pack1": torch.ones(1, dtype=torch.float64)}
+    shard.check_packs(good, "gradient")
+    bad = [
+        ({"pack0": torch.ones(5)}, "shape", "must carry packs"),
+        ({**good, "pack1": torch.zeros(1)}, "dtype", "'pack1' is torch.float32"),
+        ({**good, "pack0": torch.ones(4)}, "shape", "has 4 elements, expected 5"),
+    ]
+    for tensors, kind, match in bad:
+        with pytest.raises(WireError, match=match) as err:
+            shard.check_packs(tensors, "gradient")
+        assert err.value.kind == kind
+    for indices in ([3], [-1], "0", [True], [0.0]):
+        with pytest.raises(WireError, match="absent pieces"):
+            shard.absent_pieces(indices)
+    absent = shard.absent_pieces([1])
+    assert absent == {"v[0:3]"} and shard.absent_pieces(None) == frozenset()
+    grads = shard.piece_grads({**good, "pack0": torch.tensor([1.0, 1, 0, 0, 0])}, absent)
+    assert list(grads) == ["w[0:2]", "n[0:1]"]
+    shard.apply_grads(grads)  # "v" has no gradient: no momentum step either
+    after = shard.snapshot(copy=False)["pack0"]
+    assert torch.equal(after, torch.tensor([0.5, 0.5, 2, 2, 2]))
+    assert shard.values["n[0:1]"].item() == 6.5
+    assert after.data_ptr() == shard.values["w[0:2]"].data_ptr()  # pieces view their pack
+    with pytest.raises(WireError, match="described twice"):
+        Shard(0).register_first(config, metas + metas[:1], spec, initial)
+
+
 def test_shard_rejects_bad_descriptions_and_optimizers():
     config = ParameterServer().config(1)
     with pytest.raises(WireError, match="bad parameter description"):
@@ -345,7 +413,7 @@ def _server(workers: int, **kwargs) -> tuple[ShardServer, FakeChannel]:
 
 
 def _push(server: ShardServer, worker: int, step: int, value: float = 1.0) -> None:
-    msg = Message("push", worker=worker, step=step, tensors={"w[0:2]": torch.full((2,), value)})
+    msg = Message("push", worker=worker, step=step, tensors={"pack0": torch.full((2,), value)})
     server.dispatch(Request(b"w%d" % worker, msg, 0))
 
 
@@ -388,8 +456,10 @@ def test_server_answers_bad_requests_and_goes_on():
     server.dispatch(Request(b"x", Message("push", worker=9, step=0), 0))
     msg = Message("push", worker=0, step=0, tensors={"w[0:2]": torch.ones(5)})
     server.dispatch(Request(b"x", msg, 0))
+    msg = Message("push", worker=0, meta={"absent": [1]}, tensors={"pack0": torch.ones(2)})
+    server.dispatch(Request(b"x", msg, 0))
     replies = [m for _, m in chan.sent]
-    assert [m.meta["kind"] for m in replies] == ["op", "header", "shape"]
+    assert [m.meta["kind"] for m in replies] == ["op", "header", "shape", "header"]
     assert "unknown op 'shutdown'" in replies[0].meta["error"]
     chan.sent = []
     server, chan = _server(2, mode="sync")

@@ -6,6 +6,10 @@
   element boundary, so every shard is within a quarter of its fair share of bytes. Pieces
   larger than ``piece_bytes`` are cut further (each piece is one tensor on its server, with its
   own optimizer state). Every worker computes the same plan from the same parameter list.
+- :func:`pack_pieces` groups a shard's pieces for the wire: runs of consecutive pieces of one
+  dtype, each run at most ``piece_bytes``, travel as one flat tensor (a *pack*), so a push or
+  a reply is one frame per pack instead of one per piece (as DDP and Horovod fuse gradients
+  into buckets). Workers and servers derive the same packs from the same pieces.
 - :class:`OptimizerSpec` describes a torch optimizer declaratively (class name from an
   allow-list plus JSON hyperparameters per param group), so servers rebuild it without
   unpickling anything. Only element-wise optimizers are allowed, which is why a tensor split
@@ -75,6 +79,43 @@ class Piece:
     @property
     def numel(self) -> int:
         return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Pack:
+    """Consecutive pieces of one dtype sent as one flat tensor: ``members`` are the pieces'
+    ``(key, offset, numel)`` in the pack, ``numel`` their total."""
+
+    key: str
+    dtype: str
+    members: tuple[tuple[str, int, int], ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(n for _, _, n in self.members)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [n for _, _, n in self.members]
+
+
+def pack_pieces(
+    pieces: Sequence[tuple[str, str, int, int]], piece_bytes: int = DEFAULT_PIECE_BYTES
+) -> tuple[Pack, ...]:
+    """Group ``pieces`` (``(key, dtype name, itemsize, numel)`` in shard order) into packs:
+    a new pack starts at a dtype change or where the current one would pass ``piece_bytes``."""
+    packs: list[Pack] = []
+    members: list[tuple[str, int, int]] = []
+    dtype, used = "", 0
+    for key, kind, itemsize, numel in pieces:
+        if members and (kind != dtype or (used + numel) * itemsize > piece_bytes):
+            packs.append(Pack(f"pack{len(packs)}", dtype, tuple(members)))
+            members, used = [], 0
+        members.append((key, used, numel))
+        dtype, used = kind, used + numel
+    if members:
+        packs.append(Pack(f"pack{len(packs)}", dtype, tuple(members)))
+    return tuple(packs)
 
 
 @dataclass(frozen=True)

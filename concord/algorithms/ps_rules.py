@@ -16,13 +16,14 @@ import torch
 class RoundResult:
     """A finished sync step: the averaged gradients and who contributed.
 
-    ``grads`` has one entry per piece that had a gradient on at least one contributor; a
-    piece absent everywhere is absent here (the optimizer skips it, as in one process).
+    ``grads`` has one entry per key pushed; ``absent`` names the pieces that no contributor
+    had a gradient for (the optimizer skips them, as in one process).
     """
 
     step: int
     contributors: tuple[int, ...]
     grads: dict[str, torch.Tensor]
+    absent: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -35,7 +36,8 @@ class SyncAggregator:
     ``finish``) or ``"late"`` (a gradient for an old step: dropped and recorded in
     ``dropped``). The averages ``finish`` returns live in those buffers: use them before the
     next round's first push. Missing gradients of a contributor count as zero in the
-    average, which equals one process computing the mean loss over the global batch.
+    average, which equals one process computing the mean loss over the global batch: a push
+    either leaves a key out or sends zeros for it and names it in ``absent``.
     """
 
     workers: int
@@ -46,6 +48,7 @@ class SyncAggregator:
     _sums: dict[str, torch.Tensor] = field(default_factory=dict)
     _buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     _contributors: list[int] = field(default_factory=list)
+    _absent: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.workers < 1 or not 0 <= self.backup_workers < self.workers:
@@ -72,7 +75,13 @@ class SyncAggregator:
         """Live workers that have not pushed this round."""
         return sorted(self.live - set(self._contributors))
 
-    def push(self, worker: int, step: int, grads: Mapping[str, torch.Tensor]) -> str:
+    def push(
+        self,
+        worker: int,
+        step: int,
+        grads: Mapping[str, torch.Tensor],
+        absent: frozenset[str] = frozenset(),
+    ) -> str:
         if step < self.version:
             self.dropped.append((worker, step))
             return "late"
@@ -84,6 +93,7 @@ class SyncAggregator:
         if worker in self._contributors:
             raise ValueError(f"worker {worker} pushed twice for step {step}")
         self.live.add(worker)
+        self._absent = self._absent & absent if self._contributors else absent
         self._contributors.append(worker)
         for key, grad in grads.items():
             if key in self._sums:
@@ -103,7 +113,7 @@ class SyncAggregator:
         grads = {
             key: total.div_(count) if count > 1 else total for key, total in self._sums.items()
         }
-        result = RoundResult(self.version, tuple(self._contributors), grads)
+        result = RoundResult(self.version, tuple(self._contributors), grads, self._absent)
         self.version += 1
         self._sums, self._contributors = {}, []
         return result

@@ -7,13 +7,15 @@ every worker gets the servers' parameters back) and returns a :class:`PSOptimize
 ``PSOptimizer.step()`` sends one message per server, all before waiting for any reply, so the
 shards work in parallel:
 
-- push="grad": each piece's gradient (none for a parameter without ``.grad``); the reply
-  carries the shard's new parameters, copied into the model. The local optimizer never steps.
-- push="delta": the local optimizer steps, the change since the last pull is pushed, and the
-  server's latest parameters replace the local ones.
+- push="grad": the gradients, packed (:func:`concord.algorithms.ps_plan.pack_pieces`: one
+  flat tensor per run of pieces, zeros for a parameter without ``.grad``, which
+  ``meta["absent"]`` names); the reply carries the shard's new parameters, packed the same
+  way, copied into the model. The local optimizer never steps.
+- push="delta": the local optimizer steps, the change since the last pull is pushed (packed),
+  and the server's latest parameters replace the local ones.
 
-Gradients leave without copies (zmq reads the ``.grad`` memory; it is done before the reply
-comes back, so ``zero_grad()`` after ``step()`` is safe).
+Packing is one copy of the gradients into a buffer reused every step (zmq reads it; it is
+done before the reply comes back, so ``zero_grad()`` after ``step()`` is safe).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ import torch
 from torch import nn
 
 from concord.algorithms.ps_plan import (
+    Pack,
     ParamInfo,
     Piece,
     hyperparameters,
+    pack_pieces,
     plan_shards,
     spec_from_optimizer,
 )
@@ -124,10 +128,12 @@ class PSOptimizer(DistributedOptimizer):
         self.timeout = ctx.timeout
         by_name = dict(zip((i.name for i in infos), zip(params, infos)))
         self._slots = [[(pc, *by_name[pc.name]) for pc in shard] for shard in shards]
+        self._packs = [_packs(slots) for slots in self._slots]
+        self._buffers: dict[tuple[int, str], torch.Tensor] = {}  # reused push packs
         self.channels = channels
         self.versions = [0] * len(channels)
         self.steps = 0  # pushes made; a sync push is labelled with it (see step())
-        self._base: dict[str, torch.Tensor] = {}
+        self._base: dict[tuple[int, str], torch.Tensor] = {}  # (server, pack) -> last pulled
         self._hp_sent: list[dict[str, Any]] | None = None
         self._finalizer = weakref.finalize(self, _goodbye, channels, ctx.rank)
 
@@ -161,19 +167,24 @@ class PSOptimizer(DistributedOptimizer):
             self.optimizer.step()
         meta = {} if delta else self._hp_meta()
         for s, chan in enumerate(self.channels):
-            tensors = self._deltas(s) if delta else self._grads(s)
-            chan.send(self._push_message(s, meta, tensors))
+            if delta:
+                chan.send(self._push_message(s, meta, self._deltas(s)))
+            else:
+                chan.send(self._push_message(s, meta, *self._grads(s)))
         self._collect("new parameters after a push", 2 * self.timeout + 5)
         self.steps += 1
 
     def attach(self, model: nn.Module) -> None:
         """Hook into ``model`` (nothing to do here; the overlapping optimizer hooks)."""
 
-    def _push_message(self, s: int, meta: dict[str, Any], tensors: dict) -> Message:
+    def _push_message(
+        self, s: int, meta: dict[str, Any], tensors: dict, absent: list[int] | None = None
+    ) -> Message:
         # sync: round t takes every worker's t-th push, so all workers make the same
         # number of steps (an epoch) and a late push is dropped, never waited for;
         # async: the version the gradient was computed on (its staleness)
         label = self.steps if self.strategy.mode == "sync" else self.versions[s]
+        meta = {**meta, "absent": absent} if absent else meta
         return Message("push", worker=self.rank, step=label, meta=meta, tensors=tensors)
 
     def synchronize(self) -> None:
@@ -201,21 +212,39 @@ class PSOptimizer(DistributedOptimizer):
                 "this optimizer said goodbye to the servers (close()); no more steps"
             )
 
-    # -- pieces -----------------------------------------------------------------------------
-    def _grads(self, s: int) -> dict[str, torch.Tensor]:
-        out = {}
-        for pc, param, _ in self._slots[s]:
-            if param.grad is None:
-                continue
-            if param.grad.is_sparse:
-                raise UsageError(f"{pc.name}: sparse gradients are not supported by a PS")
-            out[pc.key] = param.grad.detach().reshape(-1)[pc.start : pc.stop].cpu()
-        return out
+    # -- packs ------------------------------------------------------------------------------
+    def _grads(self, s: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Server ``s``'s gradient packs, and the indices of its pieces without a gradient."""
+        out, absent, index = {}, [], 0
+        for pack, members in self._packs[s]:
+            pieces = []
+            for pc, param in members:
+                grad = param.grad
+                if grad is None:
+                    absent.append(index)
+                    pieces.append(torch.zeros(pc.numel, dtype=param.dtype, device=param.device))
+                elif grad.is_sparse:
+                    raise UsageError(f"{pc.name}: sparse gradients are not supported by a PS")
+                else:
+                    pieces.append(grad.detach().reshape(-1)[pc.start : pc.stop])
+                index += 1
+            out[pack.key] = self._pack(s, pack, pieces)
+        return out, absent
+
+    def _pack(self, s: int, pack: Pack, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """One flat CPU tensor of ``pieces`` (in a buffer reused step to step)."""
+        if any(p.device.type != "cpu" for p in pieces):
+            return torch.cat(pieces).cpu()
+        buffer = self._buffers.get((s, pack.key))
+        if buffer is None or buffer.dtype != pieces[0].dtype:
+            buffer = self._buffers[s, pack.key] = torch.empty(pack.numel, dtype=pieces[0].dtype)
+        return torch.cat(pieces, out=buffer)
 
     def _deltas(self, s: int) -> dict[str, torch.Tensor]:
         return {
-            pc.key: _flat(p)[pc.start : pc.stop].cpu() - self._base[pc.key]
-            for pc, p, _ in self._slots[s]
+            pack.key: torch.cat([_flat(p)[pc.start : pc.stop] for pc, p in members]).cpu()
+            - self._base[s, pack.key]
+            for pack, members in self._packs[s]
         }
 
     def _hp_meta(self) -> dict[str, Any]:
@@ -242,25 +271,33 @@ class PSOptimizer(DistributedOptimizer):
 
     @torch.no_grad()
     def _copy_in(self, s: int, part: Message) -> set[str]:
-        """Copy the pieces in ``part`` (all or some of server ``s``'s) into the model."""
+        """Copy the packs in ``part`` (all or some of server ``s``'s) into the model."""
         if part.op != "params":
             raise ProtocolError(f"server {s} answered {part.op!r}, expected 'params'")
-        for pc, param, _ in self._slots[s]:
-            value = part.tensors.get(pc.key)
+        for pack, members in self._packs[s]:
+            value = part.tensors.get(pack.key)
             if value is None:
                 continue
-            if value.numel() != pc.numel:
-                raise ProtocolError(f"server {s} sent a wrong-size value for {pc.key}")
-            _flat(param)[pc.start : pc.stop].copy_(value)
+            if value.numel() != pack.numel:
+                raise ProtocolError(f"server {s} sent a wrong-size value for {pack.key}")
+            for (pc, param), src in zip(members, value.split(pack.sizes)):
+                _flat(param)[pc.start : pc.stop].copy_(src)
             if self.strategy.push == "delta":
-                self._base[pc.key] = value
+                self._base[s, pack.key] = value
         return set(part.tensors)
 
     def _finish_load(self, s: int, reply: Message, loaded: set[str]) -> None:
-        missing = [pc.key for pc, _, _ in self._slots[s] if pc.key not in loaded]
+        missing = [pack.key for pack, _ in self._packs[s] if pack.key not in loaded]
         if missing:
             raise ProtocolError(f"server {s} sent no value for {missing[:5]}")
         self.versions[s] = reply.step
+
+
+def _packs(slots: list[tuple[Piece, nn.Parameter, ParamInfo]]) -> list[tuple[Pack, list]]:
+    """A shard's packs, each with its ``(piece, parameter)`` members in order."""
+    packs = pack_pieces([(pc.key, info.dtype, info.itemsize, pc.numel) for pc, _, info in slots])
+    by_key = {pc.key: (pc, param) for pc, param, _ in slots}
+    return [(pack, [by_key[key] for key, _, _ in pack.members]) for pack in packs]
 
 
 def _flat(param: torch.Tensor) -> torch.Tensor:

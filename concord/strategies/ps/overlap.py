@@ -34,7 +34,6 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -174,12 +173,15 @@ class OverlapPSOptimizer(PSOptimizer):
         if self._meta is None:
             self._meta = self._hp_meta()
         self.early_pushes += self._in_backward
-        msg = self._push_message(s, self._meta, self._grads(s))
+        meta = self._meta
         awaiting = f"new parameters after a push (worker {self.rank})"
         timeout = 2 * self.timeout + 5
 
-        def send(chan: ClientChannel) -> None:  # copies, so .grad may change after step()
-            chan.send(replace(msg, tensors=_copies(msg.tensors)))
+        def send(chan: ClientChannel) -> None:
+            # packing copies the gradients, so .grad may change once step() saw this done;
+            # the step label is still this step's (step() counts only after the sends), and
+            # the pack buffer is free again (the last reply of this server came before)
+            chan.send(self._push_message(s, meta, *self._grads(s)))
 
         self._sent[s] = self._threads[s].submit(send)
         self._replies[s] = self._threads[s].submit(lambda c: c.recv(awaiting, timeout))
@@ -242,10 +244,6 @@ class OverlapPSOptimizer(PSOptimizer):
                 self._await_params()
         finally:
             self._finalizer()
-
-
-def _copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {key: t.clone() for key, t in tensors.items()}
 
 
 def _grad_hook(ref: weakref.ref, index: int) -> Callable[[torch.Tensor], None]:

@@ -11,8 +11,10 @@ workers exited. It never runs user code.
 
 Operations (all authenticated, see :mod:`concord.comm.wire`): ``register`` (worker 0 sends
 the initial pieces and the optimizer spec; others are checked against it), ``push`` (a
-gradient, or a parameter change with push="delta"), ``pull``, ``stats`` and ``goodbye``.
-Every ``push``/``pull``/``register`` is answered with ``params`` (step = the shard version).
+gradient, or a parameter change with push="delta", as one flat tensor per pack of the shard;
+``meta["absent"]`` lists the pieces without a gradient), ``pull``, ``stats`` and ``goodbye``.
+Every ``push``/``pull``/``register`` is answered with ``params`` (step = the shard version;
+one tensor per pack).
 
 Log lines: ``stats: version=.. pushes=.. dropped=.. staleness={..} lead={..}`` every 30 s and
 at exit; ``lost worker N`` when a worker stops talking for the timeout; ``rejected`` for bad
@@ -159,7 +161,9 @@ class ShardServer:
             peers,
             msg,
             track=True,
-            before_part=lambda part: self.shard.apply_grads(grads, keys=part.tensors),
+            before_part=lambda part: self.shard.apply_grads(
+                grads, keys=self.shard.pieces_in(part.tensors)
+            ),
         )
         self.shard.version = version
         self.trackers.extend(t for t in trackers if t is not None)
@@ -212,7 +216,8 @@ class ShardServer:
             self.lost.discard(worker)
             log.warning("server %d: lost worker %d is back", self.rank, worker)
         what = "delta" if self.shard.config.get("push") == "delta" else "gradient"
-        self.shard.check_tensors(msg.tensors, what)
+        self.shard.check_packs(msg.tensors, what)
+        absent = self.shard.absent_pieces(msg.meta.get("absent"))
         staleness = self.shard.version - msg.step
         if staleness < 0:
             raise WireError(
@@ -224,13 +229,13 @@ class ShardServer:
         self.counts["pushes"] += 1
         self.staleness[staleness] += 1
         if self.sync is not None:
-            self._sync_push(req)
+            self._sync_push(req, absent)
         else:
-            self._async_push(req)
+            self._async_push(req, absent)
 
-    def _sync_push(self, req: Request) -> None:
+    def _sync_push(self, req: Request, absent: frozenset[str]) -> None:
         assert self.sync is not None
-        status = self.sync.push(req.msg.worker, req.msg.step, req.msg.tensors)
+        status = self.sync.push(req.msg.worker, req.msg.step, req.msg.tensors, absent)
         if status == "late":
             self.counts["dropped"] += 1
             log.debug(
@@ -253,7 +258,8 @@ class ShardServer:
         result = self.sync.finish()
         self.counts["applied"] += 1
         self.round_started = None
-        self.reply_params([self.waiting.pop(w) for w in result.contributors], result.grads)
+        grads = self.shard.piece_grads(result.grads, result.absent)
+        self.reply_params([self.waiting.pop(w) for w in result.contributors], grads)
 
     def _wait_trackers(self) -> None:
         """Parameters are about to change in place: let zmq finish sending the last replies."""
@@ -265,12 +271,12 @@ class ShardServer:
                 log.warning("server %d: a reply was still unsent after 10s", self.rank)
         self.trackers = []
 
-    def _async_push(self, req: Request) -> None:
+    def _async_push(self, req: Request, absent: frozenset[str]) -> None:
         assert self.clock is not None
         if self.shard.config.get("push") == "delta":
             self.shard.apply_deltas(req.msg.tensors)
         else:
-            self.shard.apply_grads(req.msg.tensors)
+            self.shard.apply_grads(self.shard.piece_grads(req.msg.tensors, absent))
         self.counts["applied"] += 1
         self.clock.tick(req.msg.worker)
         if not self.clock.may_proceed(req.msg.worker):

@@ -4,6 +4,10 @@ Pieces are 1-D tensors (elements ``[start, stop)`` of a flattened parameter, see
 :func:`concord.algorithms.ps_plan.plan_shards`). Worker 0 registers their initial values;
 every other worker's parameter list is checked against worker 0's and a mismatch names the
 parameter. Untrusted input (names, shapes, dtypes, optimizer settings) is validated here.
+
+Pushes and replies carry packs (:func:`concord.algorithms.ps_plan.pack_pieces`): the shard
+keeps each pack as one flat tensor and every piece as a view of it, so a reply sends the packs
+as they are and each piece steps its own optimizer state as before.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 import torch
 
-from concord.algorithms.ps_plan import OptimizerSpec, Piece, plain_settings
+from concord.algorithms.ps_plan import OptimizerSpec, Pack, Piece, pack_pieces, plain_settings
 from concord.comm.wire import DTYPES, WireError
 
 _META_KEYS = {"name", "shape", "dtype", "group", "start", "stop"}
@@ -56,7 +60,9 @@ class Shard:
         self.rank = rank
         self.config: dict[str, Any] | None = None
         self.metas: list[dict[str, Any]] = []
-        self.values: dict[str, torch.Tensor] = {}
+        self.values: dict[str, torch.Tensor] = {}  # piece key -> a view of its pack
+        self.packs: tuple[Pack, ...] = ()
+        self.flats: dict[str, torch.Tensor] = {}  # pack key -> its flat tensor
         self.optimizer: torch.optim.Optimizer | None = None
         self._groups: dict[int, dict[str, Any]] = {}
         self._expected: dict[str, dict[str, Any]] = {}  # piece key -> its description
@@ -72,8 +78,20 @@ class Shard:
         """Worker 0's registration: the pieces, their initial values, the optimizer."""
         metas = _check_meta(metas)
         keys = [_key(m) for m in metas]
+        if len(set(keys)) != len(keys):
+            raise WireError("header", "a parameter piece is described twice")
         self.check_tensors(tensors, "initial value", metas, require_all=True)
-        values = {key: tensors[key].detach().clone().reshape(-1) for key in keys}
+        self.packs = pack_pieces(
+            [
+                (key, m["dtype"], DTYPES[m["dtype"]].itemsize, m["stop"] - m["start"])
+                for key, m in zip(keys, metas)
+            ]
+        )
+        values = {}
+        for pack in self.packs:
+            flat = self.flats[pack.key] = torch.empty(pack.numel, dtype=DTYPES[pack.dtype])
+            for (key, _, _), view in zip(pack.members, flat.split(pack.sizes)):
+                values[key] = view.copy_(tensors[key].reshape(-1))
         if config.get("push") == "grad" and values:
             opt_spec = _spec(spec)
             by_group: list[list[torch.Tensor]] = [[] for _ in opt_spec.groups]
@@ -150,6 +168,53 @@ class Shard:
         if missing:
             raise WireError("shape", f"missing {what} for {missing[:5]}")
 
+    def check_packs(self, tensors: Mapping[str, torch.Tensor], what: str) -> None:
+        """A push carries every pack of this shard, each with its dtype and size."""
+        if tensors.keys() != self.flats.keys():
+            raise WireError(
+                "shape",
+                f"a {what} push to server {self.rank} must carry packs {list(self.flats)[:5]}, "
+                f"got {list(tensors)[:5]}",
+            )
+        for pack in self.packs:
+            tensor = tensors[pack.key]
+            if tensor.dtype != DTYPES[pack.dtype]:
+                raise WireError(
+                    "dtype", f"{what} {pack.key!r} is {tensor.dtype}, expected {pack.dtype}"
+                )
+            if tensor.numel() != pack.numel:
+                raise WireError(
+                    "shape",
+                    f"{what} {pack.key!r} has {tensor.numel()} elements, expected {pack.numel}",
+                )
+
+    def absent_pieces(self, indices: Any) -> frozenset[str]:
+        """The piece keys a push says it has no gradient for (``meta["absent"]``: indices in
+        registration order; their part of the packs is zero)."""
+        if indices is None:
+            return frozenset()
+        if not isinstance(indices, list) or not all(
+            type(i) is int and 0 <= i < len(self.metas) for i in indices
+        ):
+            raise WireError("header", f"bad list of absent pieces {str(indices)[:200]}")
+        return frozenset(_key(self.metas[i]) for i in indices)
+
+    def piece_grads(
+        self, packs: Mapping[str, torch.Tensor], absent: frozenset[str] = frozenset()
+    ) -> dict[str, torch.Tensor]:
+        """Each piece's gradient as a view of its (checked) pack, less the ``absent`` ones."""
+        grads = {}
+        for pack in self.packs:
+            for (key, _, _), view in zip(pack.members, packs[pack.key].split(pack.sizes)):
+                if key not in absent:
+                    grads[key] = view
+        return grads
+
+    def pieces_in(self, pack_keys: Iterable[str]) -> list[str]:
+        """The keys of the pieces in the packs ``pack_keys``."""
+        wanted = set(pack_keys)
+        return [key for pack in self.packs if pack.key in wanted for key, _, _ in pack.members]
+
     def apply_grads(
         self, grads: Mapping[str, torch.Tensor], keys: Iterable[str] | None = None
     ) -> None:
@@ -170,9 +235,9 @@ class Shard:
             self.version += 1
 
     def apply_deltas(self, deltas: Mapping[str, torch.Tensor]) -> None:
-        """Add each worker's parameter change to the shard."""
+        """Add a worker's parameter change (one tensor per pack, checked) to the shard."""
         for key, delta in deltas.items():
-            self.values[key].add_(delta.reshape(-1))
+            self.flats[key].add_(delta)
         self.version += 1
 
     def set_hyperparameters(self, settings: Any) -> None:
@@ -185,10 +250,10 @@ class Shard:
                 group.update(plain_settings(spec.groups[index]))
 
     def snapshot(self, copy: bool) -> dict[str, torch.Tensor]:
-        """The current pieces (copies when they may change while a reply is in flight)."""
+        """The current packs (copies when they may change while a reply is in flight)."""
         if copy:
-            return {k: v.clone() for k, v in self.values.items()}
-        return dict(self.values)
+            return {k: v.clone() for k, v in self.flats.items()}
+        return dict(self.flats)
 
 
 def _spec(data: Any) -> OptimizerSpec:
