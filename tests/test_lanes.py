@@ -64,6 +64,26 @@ def test_a_viewed_frame_keeps_its_space_until_released(pair):
     assert writer.put(np.zeros(600, dtype=np.uint8)) is not None
 
 
+def test_a_frame_built_in_reserved_space_is_sent_without_a_copy(pair):
+    writer, reader = pair
+    space = writer.reserve(300)
+    space[:] = 5  # built in place
+    before = writer.put(np.full(100, 1, dtype=np.uint8))  # claimed after: placed after
+    position = writer.put(space)  # behind the last put: out of order, so copied
+    assert position > before and (reader.view(before, 100) == 1).all()
+    assert (reader.view(position, 300) == 5).all()
+    reader.release()
+    space = writer.reserve(300)
+    space[:] = 9
+    position = writer.put(space)
+    assert (reader.view(position, 300) == 9).all()
+    assert space.ctypes.data - writer._data.ctypes.data == position % 1000  # where it was built
+    assert writer.reserve(701) is None  # the unread 300 bytes are still taken
+    reader.release()
+    assert writer.reserve(0) is None and writer.reserve(900) is not None
+    assert writer.put(np.full(200, 2, dtype=np.uint8)) is None  # reserved counts as taken
+
+
 def test_closing_a_lane_with_a_live_view_leaves_the_mapping_to_it():
     writer = Lane.create(1000)
     reader = Lane.attach(writer.path, 1000)

@@ -36,9 +36,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import zmq
 
-from concord.comm.lanes import LANE_BYTES, Lane, pack_frames, unpack_frames
+from concord.comm.lanes import LANE_BYTES, MIN_FRAME_BYTES, Lane, pack_frames, unpack_frames
 from concord.comm.parts import PART_BYTES, PART_KEY, PartAssembler, split_message
 from concord.comm.wire import (
     MAX_HEADER_BYTES,
@@ -246,6 +247,14 @@ class ClientChannel:
             self.bytes_out += sum(_nbytes(f) for f in frames)
             frames = pack_frames(frames, self._lanes[0] if self._lanes else None)
             self.socket.send_multipart(frames, copy=False)
+
+    def lane_space(self, nbytes: int) -> np.ndarray | None:
+        """Writable space in the up lane for one large frame of the next message (a tensor
+        built there is sent without a copy); None without lanes, for a frame too small to go
+        through one, or when the lane is full now."""
+        if self._lanes is None or nbytes < MIN_FRAME_BYTES:
+            return None
+        return self._lanes[0].reserve(nbytes)
 
     def recv(
         self,

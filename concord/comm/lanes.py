@@ -12,12 +12,13 @@ and every check are unchanged. Reading in place after the check trusts no one ne
 ends have mapped a lane its file is gone, so only the authenticated peer (which could send any
 bytes anyway) can still write there, and it never reuses space the reader has not freed.
 
-One memory copy on each side (none on the reading side with views) replaces the TCP loopback
-path (a copy into the kernel, a copy out of it, and the I/O threads' wake-ups). A lane never
-blocks: a frame that does not fit in its free space travels inline through the socket.
-Positions are 64-bit byte counters in the lane's header, written after the data they publish
-(x86-64 keeps stores in order, and every descriptor reaches the reader through a socket send,
-a full barrier); lanes are used only where :meth:`Lane.available` says so. Files are created
+One memory copy on each side (none on the reading side with views, none on the writing side
+for a frame built in :meth:`Lane.reserve` space) replaces the TCP loopback path (a copy into
+the kernel, a copy out of it, and the I/O threads' wake-ups). A lane never blocks: a frame
+that does not fit in its free space travels inline through the socket. Positions are 64-bit
+byte counters in the lane's header; the writer claims space before filling it, and the reader
+reads a frame only once a socket message names it (the data is written before that send, a
+full barrier); lanes are used only where :meth:`Lane.available` says so. Files are created
 ``0600`` and unlinked as soon as the server has mapped them, so nothing leaks and no other
 process can open them.
 """
@@ -59,6 +60,8 @@ class Lane:
         # otherwise each of the first messages through the lane pays for fresh pages
         self._data[:: mmap.PAGESIZE] = 0
         self._next = 0  # reader: where the next frame may start (all before it may be freed)
+        self._reserved: dict[int, tuple[int, int]] = {}  # writer: address -> (position, size)
+        self._placed = -1  # writer: the position :meth:`put` returned last
         self._closed = False
         self.moved = 0  # bytes this side put into (writer) or took from (reader) the lane
 
@@ -90,20 +93,49 @@ class Lane:
 
     # -- writer -----------------------------------------------------------------------------
     def put(self, frame: Any) -> int | None:
-        """Copy ``frame`` into the lane; its position, or None when it does not fit now."""
+        """Copy ``frame`` into the lane; its position, or None when it does not fit now. A
+        frame built in space from :meth:`reserve` is published where it is, without a copy."""
         view = memoryview(frame).cast("B")
         n = view.nbytes
+        if self._reserved and n:
+            hit = self._reserved.pop(np.frombuffer(view, dtype=np.uint8).ctypes.data, None)
+            if hit is not None and hit[1] == n and hit[0] > self._placed:  # in order: as is
+                self.moved += n
+                self._placed = hit[0]
+                return hit[0]
+        start = self._claim(n)
+        if start is None:
+            return None
+        offset = start % self.capacity
+        self._data[offset : offset + n] = np.frombuffer(view, dtype=np.uint8)
+        self.moved += n
+        self._placed = start
+        return start
+
+    def reserve(self, nbytes: int) -> np.ndarray | None:
+        """Writable lane space for a frame of ``nbytes`` to be built in place (e.g. a tensor
+        packed straight into the lane); :meth:`put` of that memory then costs no copy. None
+        when it does not fit now. Space reserved and never put is freed with what follows."""
+        start = self._claim(nbytes)
+        if start is None or nbytes == 0:
+            return None
+        offset = start % self.capacity
+        space = self._data[offset : offset + nbytes]
+        if len(self._reserved) > 64:  # reservations never put (a failed send): forget them
+            self._reserved.clear()
+        self._reserved[space.ctypes.data] = (start, nbytes)
+        return space
+
+    def _claim(self, n: int) -> int | None:
+        """The position of ``n`` free bytes, now taken (None when they do not fit now)."""
         written, released = int(self._counters[_WRITTEN]), int(self._counters[_READ])
         start = written
         if start % self.capacity + n > self.capacity:  # no wrap inside a frame: skip the tail
             start += self.capacity - start % self.capacity
         if n > self.capacity or start + n - released > self.capacity:
             return None
-        offset = start % self.capacity
-        self._data[offset : offset + n] = np.frombuffer(view, dtype=np.uint8)
-        self._counters[_WRITTEN] = start + n
-        self.moved += n
-        return start
+        self._counters[_WRITTEN] = start + n  # published before the bytes: a reader reads
+        return start  # only what a later socket message names
 
     # -- reader -----------------------------------------------------------------------------
     def take(self, position: int, nbytes: int) -> np.ndarray:

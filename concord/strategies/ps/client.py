@@ -14,8 +14,9 @@ shards work in parallel:
 - push="delta": the local optimizer steps, the change since the last pull is pushed (packed),
   and the server's latest parameters replace the local ones.
 
-Packing is one copy of the gradients into a buffer reused every step (zmq reads it; it is
-done before the reply comes back, so ``zero_grad()`` after ``step()`` is safe).
+Packing is the one copy of the gradients: straight into the server's shared-memory lane on
+the same host, else into a buffer reused every step (zmq reads it; it is done before the
+reply comes back, so ``zero_grad()`` after ``step()`` is safe).
 """
 
 from __future__ import annotations
@@ -232,12 +233,17 @@ class PSOptimizer(DistributedOptimizer):
         return out, absent
 
     def _pack(self, s: int, pack: Pack, pieces: list[torch.Tensor]) -> torch.Tensor:
-        """One flat CPU tensor of ``pieces`` (in a buffer reused step to step)."""
+        """One flat CPU tensor of ``pieces``: built in server ``s``'s lane when it has room (no
+        copy to send it), else in a buffer reused step to step."""
         if any(p.device.type != "cpu" for p in pieces):
             return torch.cat(pieces).cpu()
+        dtype = pieces[0].dtype
+        space = self.channels[s].lane_space(pack.numel * dtype.itemsize)
+        if space is not None:
+            return torch.cat(pieces, out=torch.frombuffer(space, dtype=dtype))
         buffer = self._buffers.get((s, pack.key))
-        if buffer is None or buffer.dtype != pieces[0].dtype:
-            buffer = self._buffers[s, pack.key] = torch.empty(pack.numel, dtype=pieces[0].dtype)
+        if buffer is None or buffer.dtype != dtype:
+            buffer = self._buffers[s, pack.key] = torch.empty(pack.numel, dtype=dtype)
         return torch.cat(pieces, out=buffer)
 
     def _deltas(self, s: int) -> dict[str, torch.Tensor]:
