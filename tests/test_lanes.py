@@ -16,8 +16,8 @@ pytestmark = pytest.mark.skipif(not Lane.available(), reason="no shared-memory l
 
 @pytest.fixture
 def pair():
-    writer = Lane.create(1000)
-    reader = Lane.attach(writer.path, 1000)
+    writer = Lane.create(1024)
+    reader = Lane.attach(writer.path, 1024)
     writer.unlink()
     yield writer, reader
     writer.close()
@@ -27,15 +27,15 @@ def pair():
 def test_lane_round_trip_wraps_and_refuses_what_does_not_fit(pair):
     writer, reader = pair
     got = []
-    for i in range(10):  # 300-byte frames: the fourth skips the ring's 100-byte tail
+    for i in range(10):  # 300-byte frames start 64-aligned: the fourth skips a 64-byte tail
         frame = np.full(300, i, dtype=np.uint8)
         position = writer.put(frame)
-        assert position is not None and position % 1000 + 300 <= 1000
+        assert position is not None and position % 64 == 0 and position % 1024 + 300 <= 1024
         got.append(reader.take(position, 300))
     assert all((g == i).all() for i, g in enumerate(got))
     first, second, third = (writer.put(np.zeros(300, dtype=np.uint8)) for _ in range(3))
     assert writer.put(np.zeros(300, dtype=np.uint8)) is None  # full until the reader frees
-    assert writer.put(np.zeros(1001, dtype=np.uint8)) is None  # larger than the lane
+    assert writer.put(np.zeros(1025, dtype=np.uint8)) is None  # larger than the lane
     reader.take(first, 300)
     assert writer.put(np.zeros(300, dtype=np.uint8)) is not None
 
@@ -77,11 +77,11 @@ def test_a_frame_built_in_reserved_space_is_sent_without_a_copy(pair):
     space[:] = 9
     position = writer.put(space)
     assert (reader.view(position, 300) == 9).all()
-    assert space.ctypes.data - writer._data.ctypes.data == position % 1000  # where it was built
+    assert space.ctypes.data - writer._data.ctypes.data == position % 1024  # where it was built
     assert writer.reserve(701) is None  # the unread 300 bytes are still taken
     reader.release()
-    assert writer.reserve(0) is None and writer.reserve(900) is not None
-    assert writer.put(np.full(200, 2, dtype=np.uint8)) is None  # reserved counts as taken
+    assert writer.reserve(0) is None and writer.reserve(700) is not None
+    assert writer.put(np.full(400, 2, dtype=np.uint8)) is None  # reserved counts as taken
 
 
 def test_closing_a_lane_with_a_live_view_leaves_the_mapping_to_it():
@@ -138,7 +138,7 @@ def test_frames_through_a_lane_are_still_authenticated(pair, monkeypatch):
         (2, [0, 0, 8, 0, 8, 8], 0, "out of order"),
         (2, [1, 0, 8, 0, 8, 8], 0, "past the message's end"),  # buffer 0 inline: none is
         (1, [0, 1 << 40, 8], 1, "never written"),
-        (1, [0, 990, 20], 1, "out of bounds"),  # would run past the lane's end
+        (1, [0, 1010, 20], 1, "out of bounds"),  # would run past the lane's end
     ],
 )
 def test_a_forged_lane_map_is_rejected(pair, count, triples, inline, why):

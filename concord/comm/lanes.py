@@ -40,6 +40,7 @@ MIN_FRAME_BYTES = 64 << 10  # smaller frames stay inline (the socket is as fast 
 MAX_LANE_BYTES = 1 << 30
 PREFIX = "concord-lane-"
 _WRITTEN, _READ = 0, 8  # int64 slots of the header: bytes ever written / ever released
+_ALIGN = 64  # frames start on cache-line boundaries (LANE_BYTES is a multiple)
 
 
 class LaneError(ValueError):
@@ -129,7 +130,7 @@ class Lane:
     def _claim(self, n: int) -> int | None:
         """The position of ``n`` free bytes, now taken (None when they do not fit now)."""
         written, released = int(self._counters[_WRITTEN]), int(self._counters[_READ])
-        start = written
+        start = -(-written // _ALIGN) * _ALIGN  # aligned for tensors read or built in place
         if start % self.capacity + n > self.capacity:  # no wrap inside a frame: skip the tail
             start += self.capacity - start % self.capacity
         if n > self.capacity or start + n - released > self.capacity:
