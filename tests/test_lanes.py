@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -248,6 +250,82 @@ def test_server_refuses_lanes_it_cannot_map():
     finally:
         loop.stop()
         client.close()
+        server.close()
+
+
+def test_a_shared_lane_reader_reports_to_its_own_lane_and_starts_at_the_writer():
+    shared = Lane.create_shared(1024)
+    first = shared.put(np.full(100, 1, dtype=np.uint8))
+    up = Lane.create(1024)
+    up.unlink()
+    try:
+        assert up.acked == -1 and not os.path.exists(shared.path)
+        with pytest.raises(ValueError, match="not a shared lane path"):
+            Lane.attach_shared(up.path, 1024, up)
+        reader = Lane.attach_shared(shared.share_path, 1024, up)
+        assert up.acked == 100  # mapped, and nothing before its attach is for it
+        with pytest.raises(LaneError, match="out of bounds"):
+            reader.view(first, 100)
+        second = shared.put(np.full(100, 2, dtype=np.uint8))
+        assert (reader.view(second, 100) == 2).all()
+        reader.release()
+        assert up.acked == second + 100 and shared.room == 1024 - second - 100  # writer frees
+        shared.free_to(up.acked)
+        assert shared.room == 1024
+        reader.close()
+    finally:
+        up.close()
+        shared.close()
+
+
+def test_a_reply_to_several_clients_is_written_once_to_the_shared_lane():
+    server = ServerChannel(Codec(SECRET), name="test server", broadcast=True)
+    server._shared = Lane.create_shared(3 << 20)  # small, to fill it
+    clients = [ClientChannel(Codec(SECRET), server.address, f"c{i}", timeout=10) for i in range(3)]
+    try:
+        loop = _Loop(server)
+        assert all(c.open_lanes(capacity=3 << 20) for c in clients)
+        loop.stop()
+        assert not os.path.exists(server._shared.path)  # unlinked: mapped via /proc/<pid>/fd
+        peers = []
+        for i, client in enumerate(clients):  # each says hello, so the server knows its id
+            client.send(Message("hello", worker=i))
+            peers.append(server.poll(timeout=5).peer)
+        shared = server._shared
+
+        def reply(value: float, to: list[int]) -> torch.Tensor:
+            t = torch.full((1 << 17,), value)  # 512 KB
+            server.reply_many([peers[i] for i in to], Message("echo", tensors={"t": t}))
+            return t
+
+        t = reply(1.0, [0, 1, 2])
+        assert shared.moved == t.nbytes  # written once for three clients
+        for client in clients:
+            got = []
+            client.recv(
+                "echo", on_part=lambda p, got=got: got.append(p.tensors["t"].clone()), views=True
+            )
+            assert torch.equal(got[0], t)
+        t = reply(2.0, [0, 1])  # client 1 does not read this one: its share stays taken
+        assert torch.equal(clients[0].recv("echo").tensors["t"], t)
+        for value in (3.0, 4.0, 5.0, 6.0, 7.0):  # to clients 0 and 2, until the lane is full
+            t = reply(value, [0, 2])
+            for i in (0, 2):
+                assert torch.equal(clients[i].recv("echo").tensors["t"], t)
+        assert shared.moved == 5 * t.nbytes  # 1.0 to 5.0; then the clients' own lanes
+        assert sum(server._lanes[p][1].moved for p in (peers[0], peers[2])) == 4 * t.nbytes
+        assert torch.equal(clients[1].recv("echo").tensors["t"], torch.full_like(t, 2.0))
+        t = reply(8.0, [0, 1, 2])  # client 1 caught up: the shared lane is free again
+        assert shared.moved == 6 * t.nbytes
+        clients[2]._lanes[0]._counters[16] = -1  # as if it could not map the shared lane
+        reply(9.0, [0, 2])
+        assert shared.moved == 6 * t.nbytes
+        for i, client in enumerate(clients):
+            for value in (8.0, 9.0) if i != 1 else (8.0,):
+                assert torch.equal(client.recv("echo").tensors["t"], torch.full_like(t, value))
+    finally:
+        for client in clients:
+            client.close()
         server.close()
 
 

@@ -205,7 +205,8 @@ def test_sync_ps_with_large_pieces_parts_and_lanes_equals_one_process(servers, l
     if lanes == "0":
         assert moved == 0
     elif Lane.available():  # 3 steps x 2 workers x 5 MB each way, plus registration
-        assert moved >= 2 * 3 * 2 * 16 * 80_000 * 4
+        assert moved >= 3 * 3 * 16 * 80_000 * 4  # the replies of a round written once:
+        assert stats[0]["lane_bytes_shared"] >= 3 * 16 * 80_000 * 4  # the shared lane
 
 
 # -- async ----------------------------------------------------------------------------------

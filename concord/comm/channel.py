@@ -78,10 +78,12 @@ class ServerChannel:
         port: int = 0,
         name: str = "server",
         lane_views: bool = False,
+        broadcast: bool = False,
     ):
         self.codec = codec
         self.name = name
         self.lane_views = lane_views
+        self.broadcast = broadcast
         self.socket = _context().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, _LINGER_MS)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -97,6 +99,8 @@ class ServerChannel:
         self._ids = itertools.count()
         self._lanes: dict[bytes, tuple[Lane, Lane]] = {}  # peer -> (its up lane, down lane)
         self._held: list[Lane] = []  # lanes the last request's tensors are views of
+        self._shared: Lane | None = None  # with broadcast: one lane every local peer reads
+        self._sent_upto: dict[bytes, int] = {}  # peer -> end of its last shared-lane frame
         self.rejected: Counter[str] = Counter()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -163,13 +167,49 @@ class ServerChannel:
         for lane in self._lanes.pop(peer, ()):
             lane.close()
         self._lanes[peer] = (up, down)
-        self.reply(peer, Message("lanes", meta={"ok": True}))
+        self._sent_upto.pop(peer, None)
+        meta: dict[str, Any] = {"ok": True}
+        shared = self._shared_lane()
+        if shared is not None:
+            meta |= {"shared": shared.share_path, "shared_capacity": shared.capacity}
+        self.reply(peer, Message("lanes", meta=meta))
+
+    def _shared_lane(self) -> Lane | None:
+        """The lane for replies to several same-host peers at once (created on first use)."""
+        if self.broadcast and self._shared is None:
+            try:
+                self._shared = Lane.create_shared()
+            except (ConcordError, OSError) as exc:
+                log.info("%s: no shared lane for broadcast replies (%s)", self.name, exc)
+                self.broadcast = False
+        return self._shared
+
+    def _shared_for(self, peers: list[bytes], nbytes: int) -> Lane | None:
+        """The shared lane, if every one of ``peers`` reads it and it has room for ``nbytes``
+        (once the space that no reader still needs is freed: a peer holds frames back only
+        until it has freed all sent to it; one that was lost keeps its share, so the lane may
+        fill, and then replies go through the peers' own lanes)."""
+        shared = self._shared
+        if shared is None or len(peers) < 2:
+            return None
+        if any(peer not in self._lanes or self._lanes[peer][0].acked < 0 for peer in peers):
+            return None
+        needed = [
+            up.acked
+            for peer, (up, _) in self._lanes.items()
+            if up.acked < self._sent_upto.get(peer, -1)
+        ]
+        shared.free_to(min(needed, default=shared.written))
+        return shared if shared.room >= 2 * nbytes else None  # (slack for the ring's tail)
 
     @property
-    def lane_bytes(self) -> tuple[int, int]:
-        """Bytes received and sent through shared-memory lanes (part of bytes_in/out)."""
+    def lane_bytes(self) -> tuple[int, int, int]:
+        """Bytes received and sent through shared-memory lanes (part of bytes_in/out), and of
+        those sent, the bytes written once into the shared lane for several peers."""
         lanes = self._lanes.values()
-        return sum(up.moved for up, _ in lanes), sum(down.moved for _, down in lanes)
+        shared = self._shared.moved if self._shared is not None else 0
+        sent = sum(down.moved for _, down in lanes) + shared
+        return sum(up.moved for up, _ in lanes), sent, shared
 
     def reply(self, peer: bytes, msg: Message, track: bool = False) -> zmq.MessageTracker | None:
         """Send ``msg`` to ``peer`` (zero-copy). With ``track`` return a tracker that is done
@@ -193,9 +233,16 @@ class ServerChannel:
                 before_part(part)
             frames = self.codec.encode(part)
             size = sum(_nbytes(f) for f in frames)
+            shared = self._shared_for(live, size)
+            if shared is not None:  # written once, read by every peer
+                before = shared.written
+                out = pack_frames(frames, shared, shared=True)
+                if shared.written != before:  # (nothing fitted: all inline)
+                    self._sent_upto.update(dict.fromkeys(live, shared.written))
             for peer in list(live):
-                lanes = self._lanes.get(peer)
-                out = pack_frames(frames, lanes[1] if lanes else None)
+                if shared is None:
+                    lanes = self._lanes.get(peer)
+                    out = pack_frames(frames, lanes[1] if lanes else None)
                 try:
                     trackers.append(
                         self.socket.send_multipart([peer, *out], copy=False, track=track)
@@ -215,6 +262,9 @@ class ServerChannel:
             for lane in lanes:
                 lane.close()
         self._lanes = {}
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
 
 
 class ClientChannel:
@@ -236,6 +286,7 @@ class ClientChannel:
         self._parts = PartAssembler(codec.max_bytes)
         self._ids = itertools.count()
         self._lanes: tuple[Lane, Lane] | None = None  # (up, down) once the server took them
+        self._shared: Lane | None = None  # the server's lane for replies to several clients
         self._broken: str | None = None
 
     def send(self, msg: Message) -> None:
@@ -273,6 +324,7 @@ class ClientChannel:
         if views and on_part is None:
             raise ValueError("recv(views=True) needs on_part: the views die when it returns")
         down = self._lanes[1] if self._lanes else None
+        shared = self._shared
         views = views and down is not None
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -287,21 +339,28 @@ class ClientChannel:
                 )
             frames = self.socket.recv_multipart(copy=False)
             try:
-                msg, part = self._decode(frames, down, views, awaiting)
+                msg, part = self._decode(frames, (down, shared), views, awaiting)
                 if on_part is not None and part.op != "error":
                     on_part(part)  # e.g. load this part while the next one is on its way
             finally:
                 if views:
                     down.release()
+                    if shared is not None:
+                        shared.release()
             if msg is not None:
                 return raise_if_error(msg, self.peer)
 
     def _decode(
-        self, frames: list[Any], down: Lane | None, views: bool, awaiting: str
+        self,
+        frames: list[Any],
+        lanes: tuple[Lane | None, Lane | None],
+        views: bool,
+        awaiting: str,
     ) -> tuple[Message | None, Message]:
-        """(the whole reply once its last part is in, else None; this part)."""
+        """(the whole reply once its last part is in, else None; this part); ``lanes`` are
+        this client's down lane and the server's shared lane."""
         try:
-            frames = unpack_frames(frames, down, copy=not views)
+            frames = unpack_frames(frames, lanes[0], copy=not views, shared=lanes[1])
             self.bytes_in += sum(len(f) for f in frames)
             part = self.codec.decode(frames)
             return self._parts.add(b"", replace(part, tensors={}) if views else part), part
@@ -337,6 +396,12 @@ class ClientChannel:
                 lane.close()
             return False
         self._lanes = (up, down)
+        if "shared" in reply.meta:  # replies to several clients come through one lane
+            try:
+                capacity = int(reply.meta["shared_capacity"])
+                self._shared = Lane.attach_shared(str(reply.meta["shared"]), capacity, up)
+            except (KeyError, TypeError, ValueError, OSError) as exc:
+                log.info("%s: cannot map its shared lane (%s)", self.peer, exc)
         return True
 
     def request(self, msg: Message, awaiting: str | None = None, timeout: float | None = None):
@@ -355,9 +420,9 @@ class ClientChannel:
         if linger is None:
             linger = 0.0 if self._broken else _LINGER_MS / 1000
         self.socket.close(linger=int(linger * 1000))
-        for lane in self._lanes or ():
+        for lane in (*(self._lanes or ()), *([self._shared] if self._shared else [])):
             lane.close()
-        self._lanes = None
+        self._lanes = self._shared = None
 
 
 def _readable(socket: zmq.Socket, timeout_ms: int) -> bool:

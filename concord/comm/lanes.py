@@ -21,12 +21,20 @@ reads a frame only once a socket message names it (the data is written before th
 full barrier); lanes are used only where :meth:`Lane.available` says so. Files are created
 ``0600`` and unlinked as soon as the server has mapped them, so nothing leaks and no other
 process can open them.
+
+A *shared* lane (:meth:`Lane.create_shared`) has one writer (a server) and several readers
+(its same-host clients), for a reply that goes to all of them: its file is unlinked at once
+and readers open it through ``/proc/<pid>/fd/<fd>`` (this user's processes only). Each reader
+reports how far it has read in its own up lane's header; the writer frees space below the
+least of what its readers still hold. Readers check the MAC as usual; the ones who could
+write there are the server and its authenticated clients, who could send any bytes anyway.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import re
 import secrets
 from typing import Any
 
@@ -40,6 +48,8 @@ MIN_FRAME_BYTES = 64 << 10  # smaller frames stay inline (the socket is as fast 
 MAX_LANE_BYTES = 1 << 30
 PREFIX = "concord-lane-"
 _WRITTEN, _READ = 0, 8  # int64 slots of the header: bytes ever written / ever released
+_ACK = 16  # int64 slot of a client's up lane: bytes of its server's shared lane it freed
+_SHARED_PATH = re.compile(r"/proc/\d+/fd/\d+")
 _ALIGN = 64  # frames start on cache-line boundaries (LANE_BYTES is a multiple)
 
 
@@ -50,16 +60,21 @@ class LaneError(ValueError):
 class Lane:
     """One direction of shared memory between two processes (see the module docstring)."""
 
-    def __init__(self, path: str, capacity: int, create: bool) -> None:
+    def __init__(self, path: str, capacity: int, create: bool, prefault: bool = True) -> None:
         if not 0 < capacity <= MAX_LANE_BYTES:
             raise ValueError(f"lane capacity must be in 1..{MAX_LANE_BYTES}, got {capacity}")
         self.path, self.capacity = path, capacity
         self._mem = _map(path, HEADER + capacity, create)
-        self._counters = np.frombuffer(self._mem, dtype=np.int64, count=2 * 8)
+        self._counters = np.frombuffer(self._mem, dtype=np.int64, count=3 * 8)
         self._data = np.frombuffer(self._mem, dtype=np.uint8, offset=HEADER)
-        # fault every page in now (before any frame is written, so nothing is overwritten):
-        # otherwise each of the first messages through the lane pays for fresh pages
-        self._data[:: mmap.PAGESIZE] = 0
+        if create:
+            self._counters[_ACK] = -1  # (an up lane's) no shared lane mapped
+        if prefault:  # fault every page in now (before any frame is written, so nothing is
+            # overwritten): otherwise each of the first messages pays for fresh pages
+            self._data[:: mmap.PAGESIZE] = 0
+        self._acks: np.ndarray | None = None  # a shared lane's reader: where release() tells
+        self._fd: int | None = None  # a shared lane's writer: keeps the unlinked file
+        self.share_path = ""
         self._next = 0  # reader: where the next frame may start (all before it may be freed)
         self._reserved: dict[int, tuple[int, int]] = {}  # writer: address -> (position, size)
         self._placed = -1  # writer: the position :meth:`put` returned last
@@ -85,6 +100,55 @@ class Lane:
         if os.path.getsize(path) != HEADER + capacity:
             raise ValueError(f"lane {path} is not {capacity} bytes")
         return cls(path, capacity, create=False)
+
+    @classmethod
+    def create_shared(cls, capacity: int = LANE_BYTES) -> Lane:
+        """A lane one writer shares with several readers on its host. Its file is unlinked at
+        once; readers open it through :attr:`share_path` (``/proc/<pid>/fd/<fd>``, which only
+        this user's processes may open), so nothing is left behind even if this one dies."""
+        lane = cls.create(capacity)
+        try:
+            lane._fd = os.open(lane.path, os.O_RDWR)
+        except OSError:
+            lane.close()
+            raise
+        finally:
+            lane.unlink()
+        lane.share_path = f"/proc/{os.getpid()}/fd/{lane._fd}"
+        return lane
+
+    @classmethod
+    def attach_shared(cls, path: str, capacity: int, acks: Lane) -> Lane:
+        """Map a shared lane as one of its readers: :meth:`release` then reports what this
+        reader freed in the header of ``acks`` (its own up lane, which the writer reads)."""
+        if not _SHARED_PATH.fullmatch(path):
+            raise ValueError(f"not a shared lane path: {path!r}")
+        if os.path.getsize(path) != HEADER + capacity:
+            raise ValueError(f"shared lane {path} is not {capacity} bytes")
+        lane = cls(path, capacity, create=False, prefault=False)  # (it may hold live frames)
+        lane._acks = acks._counters
+        lane._next = int(lane._counters[_WRITTEN])  # frames before this one are not for it
+        acks._counters[_ACK] = lane._next
+        return lane
+
+    @property
+    def acked(self) -> int:
+        """(An up lane's) bytes of the server's shared lane its client freed; -1: unmapped."""
+        return int(self._counters[_ACK])
+
+    @property
+    def written(self) -> int:
+        """Bytes ever claimed by the writer (the position after the last frame)."""
+        return int(self._counters[_WRITTEN])
+
+    @property
+    def room(self) -> int:
+        """(Writer) free bytes, wherever they are in the ring."""
+        return self.capacity - self.written + int(self._counters[_READ])
+
+    def free_to(self, position: int) -> None:
+        """(A shared lane's writer) no reader needs anything before ``position`` any more."""
+        self._counters[_READ] = position
 
     def unlink(self) -> None:
         try:
@@ -161,12 +225,19 @@ class Lane:
 
     def release(self) -> None:
         """Free every frame viewed so far for the writer (views of them must be dead)."""
-        if not self._closed:
+        if self._closed:
+            return
+        if self._acks is not None:  # a reader of a shared lane: its writer takes the minimum
+            self._acks[_ACK] = self._next
+        else:
             self._counters[_READ] = self._next
 
     def close(self) -> None:
         self._closed = True
-        del self._counters, self._data
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        del self._counters, self._data, self._acks
         try:
             self._mem.close()
         except BufferError:  # a view is still alive somewhere: the mapping goes with it
@@ -175,14 +246,16 @@ class Lane:
 
 # -- socket frames --------------------------------------------------------------------------
 LANE_MARK = b"concord-lane/2"  # starts the head frame of a message with buffers in a lane
+SHARED_MARK = b"concord-lane/s"  # ... in the sender's shared lane (a broadcast reply)
 _COUNT = 8  # bytes of the map's entry count after the mark
 
 
-def pack_frames(frames: list[Any], lane: Lane | None) -> list[Any]:
+def pack_frames(frames: list[Any], lane: Lane | None, shared: bool = False) -> list[Any]:
     """What goes on the socket for codec frames ``[mac, header, *buffers]``: one head frame,
     ``mac || header``, then the buffers; with ``lane``, each large buffer that fits moves into
-    it and the head becomes ``LANE_MARK || n || map || mac || header``, where ``map`` lists
-    ``(buffer index, lane position, bytes)`` as ``n`` int64 triples."""
+    it and the head becomes ``LANE_MARK || n || map || mac || header`` (``SHARED_MARK`` when
+    ``lane`` is the sender's shared lane), where ``map`` lists ``(buffer index, lane position,
+    bytes)`` as ``n`` int64 triples."""
     mac, header, buffers = frames[0], frames[1], frames[2:]
     placed: list[int] = []
     inline = []
@@ -196,21 +269,28 @@ def pack_frames(frames: list[Any], lane: Lane | None) -> list[Any]:
     head = bytes(mac) + bytes(header)
     if placed:
         count = (len(placed) // 3).to_bytes(_COUNT, "little")
-        head = LANE_MARK + count + np.array(placed, dtype=np.int64).tobytes() + head
+        mark = SHARED_MARK if shared else LANE_MARK
+        head = mark + count + np.array(placed, dtype=np.int64).tobytes() + head
     return [head, *inline]
 
 
-def unpack_frames(frames: list[Any], lane: Lane | None, copy: bool = True) -> list[Any]:
+def unpack_frames(
+    frames: list[Any], lane: Lane | None, copy: bool = True, shared: Lane | None = None
+) -> list[Any]:
     """The codec frames ``[mac, header, *buffers]`` of a message as it came off the socket,
-    large buffers copied out of ``lane`` (with ``copy=False``: views of it, whose space the
-    caller frees with ``lane.release()`` once they are dead). A head too short for a MAC
-    yields a short MAC frame, which the codec rejects. Raises :class:`LaneError` for a map
-    that does not fit the message or the lane."""
+    large buffers copied out of ``lane`` or, for a head with ``SHARED_MARK``, the sender's
+    ``shared`` lane (with ``copy=False``: views, whose space the caller frees with
+    ``release()`` once they are dead). A head too short for a MAC yields a short MAC frame,
+    which the codec rejects. Raises :class:`LaneError` for a map that does not fit the
+    message or the lane."""
     if not frames:
         return [b"", b""]
     head = memoryview(frames[0]).cast("B")
     inline = frames[1:]
-    if head[: len(LANE_MARK)] != LANE_MARK:
+    mark = head[: len(LANE_MARK)]
+    if mark == SHARED_MARK:
+        lane = shared
+    elif mark != LANE_MARK:
         return [head[:MAC_BYTES], head[MAC_BYTES:], *inline]
     if lane is None:
         raise LaneError("a shared-memory lane message from a peer that has no lane")

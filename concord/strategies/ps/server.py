@@ -395,6 +395,7 @@ class ShardServer:
             "bytes_out": self.chan.bytes_out,
             "lane_bytes_in": self.chan.lane_bytes[0],
             "lane_bytes_out": self.chan.lane_bytes[1],
+            "lane_bytes_shared": self.chan.lane_bytes[2],
             "rejected": dict(self.chan.rejected),
             "done": sorted(self.done),
             "lost": sorted(self.lost),
@@ -439,9 +440,14 @@ def main() -> int:
         log.error("concord.strategies.ps.server runs with CONCORD_ROLE=server, got %r", ctx.role)
         return 2
     hosts = bind_hosts(ctx.master_addr)
-    # pushes are read in place from the lanes: every handler uses them before the next poll
+    # pushes are read in place from the lanes: every handler uses them before the next poll;
+    # a sync round's reply is written once into a lane all same-host workers read
     chan = ServerChannel(
-        Codec(ctx.secret), host=hosts.bind, name=f"server {ctx.rank}", lane_views=True
+        Codec(ctx.secret),
+        host=hosts.bind,
+        name=f"server {ctx.rank}",
+        lane_views=True,
+        broadcast=True,
     )
     address = hosts.url(chan.port)
     publish_address(ctx.store, f"{ctx.store_prefix}server/{ctx.rank}/addr", address)
