@@ -261,8 +261,11 @@ def test_a_shared_lane_reader_reports_to_its_own_lane_and_starts_at_the_writer()
     try:
         assert up.acked == -1 and not os.path.exists(shared.path)
         with pytest.raises(ValueError, match="not a shared lane path"):
-            Lane.attach_shared(up.path, 1024, up)
-        reader = Lane.attach_shared(shared.share_path, 1024, up)
+            Lane.attach_shared(up.path, 1024, up, shared.token)
+        with pytest.raises(ValueError, match="not the shared lane its server named"):
+            Lane.attach_shared(shared.share_path, 1024, up, "00" * 16)
+        assert up.acked == -1
+        reader = Lane.attach_shared(shared.share_path, 1024, up, shared.token)
         assert up.acked == 100  # mapped, and nothing before its attach is for it
         with pytest.raises(LaneError, match="out of bounds"):
             reader.view(first, 100)

@@ -171,7 +171,11 @@ class ServerChannel:
         meta: dict[str, Any] = {"ok": True}
         shared = self._shared_lane()
         if shared is not None:
-            meta |= {"shared": shared.share_path, "shared_capacity": shared.capacity}
+            meta |= {
+                "shared": shared.share_path,
+                "shared_capacity": shared.capacity,
+                "shared_token": shared.token,
+            }
         self.reply(peer, Message("lanes", meta=meta))
 
     def _shared_lane(self) -> Lane | None:
@@ -398,8 +402,9 @@ class ClientChannel:
         self._lanes = (up, down)
         if "shared" in reply.meta:  # replies to several clients come through one lane
             try:
+                path, token = str(reply.meta["shared"]), str(reply.meta["shared_token"])
                 capacity = int(reply.meta["shared_capacity"])
-                self._shared = Lane.attach_shared(str(reply.meta["shared"]), capacity, up)
+                self._shared = Lane.attach_shared(path, capacity, up, token)
             except (KeyError, TypeError, ValueError, OSError) as exc:
                 log.info("%s: cannot map its shared lane (%s)", self.peer, exc)
         return True

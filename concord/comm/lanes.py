@@ -50,6 +50,7 @@ PREFIX = "concord-lane-"
 _WRITTEN, _READ = 0, 8  # int64 slots of the header: bytes ever written / ever released
 _ACK = 16  # int64 slot of a client's up lane: bytes of its server's shared lane it freed
 _SHARED_PATH = re.compile(r"/proc/\d+/fd/\d+")
+_TOKEN = slice(256, 272)  # header bytes: a shared lane's random name (readers check it)
 _ALIGN = 64  # frames start on cache-line boundaries (LANE_BYTES is a multiple)
 
 
@@ -115,17 +116,27 @@ class Lane:
         finally:
             lane.unlink()
         lane.share_path = f"/proc/{os.getpid()}/fd/{lane._fd}"
+        lane._mem[_TOKEN] = secrets.token_bytes(16)
         return lane
 
+    @property
+    def token(self) -> str:
+        """A shared lane's random name, which its readers check after mapping it."""
+        return self._mem[_TOKEN].hex()
+
     @classmethod
-    def attach_shared(cls, path: str, capacity: int, acks: Lane) -> Lane:
+    def attach_shared(cls, path: str, capacity: int, acks: Lane, token: str) -> Lane:
         """Map a shared lane as one of its readers: :meth:`release` then reports what this
-        reader freed in the header of ``acks`` (its own up lane, which the writer reads)."""
+        reader freed in the header of ``acks`` (its own up lane, which the writer reads).
+        ``token`` must match (e.g. a path from another pid namespace names another file)."""
         if not _SHARED_PATH.fullmatch(path):
             raise ValueError(f"not a shared lane path: {path!r}")
         if os.path.getsize(path) != HEADER + capacity:
             raise ValueError(f"shared lane {path} is not {capacity} bytes")
         lane = cls(path, capacity, create=False, prefault=False)  # (it may hold live frames)
+        if lane.token != token:
+            lane.close()
+            raise ValueError(f"{path} is not the shared lane its server named")
         lane._acks = acks._counters
         lane._next = int(lane._counters[_WRITTEN])  # frames before this one are not for it
         acks._counters[_ACK] = lane._next
