@@ -170,6 +170,28 @@ def test_channel_moves_large_frames_through_lanes_and_falls_back_inline():
         server.close()
 
 
+def test_lane_space_keeps_half_the_lane_for_frames_copied_in_as_they_go():
+    server = ServerChannel(Codec(SECRET), name="test server")
+    client = ClientChannel(Codec(SECRET), server.address, "server 0", timeout=10)
+    try:
+        assert client.lane_space(1 << 20) is None  # no lanes yet
+        loop = _Loop(server)
+        assert client.open_lanes(capacity=3 << 20) is True
+        assert client.lane_space(1 << 10) is None  # small frames go inline anyway
+        space = client.lane_space(1 << 20)
+        assert space is not None and space.nbytes == 1 << 20
+        assert client.lane_space(1 << 20) is None  # 1 MB left free of 3 MB: less than half
+        t = torch.frombuffer(space, dtype=torch.float32)
+        t.copy_(torch.arange(1 << 18, dtype=torch.float32))
+        reply = client.request(Message("push", tensors={"t": t}), awaiting="echo")
+        assert torch.equal(reply.tensors["t"], 2 * torch.arange(1 << 18, dtype=torch.float32))
+        assert client._lanes[0].moved == 1 << 20  # counted once, never copied
+    finally:
+        loop.stop()
+        client.close()
+        server.close()
+
+
 def test_views_are_lane_memory_until_the_next_poll_and_parts_are_copied():
     server = ServerChannel(Codec(SECRET), name="test server", lane_views=True)
     client = ClientChannel(Codec(SECRET), server.address, "server 0", timeout=10)

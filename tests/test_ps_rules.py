@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -486,3 +487,36 @@ def test_describe_names_parameters_in_optimizer_order_with_groups():
     stray = torch.optim.SGD([torch.nn.Parameter(torch.ones(4))], lr=0.1)
     with pytest.raises(UsageError, match=r"optimizer parameter #0 of shape \[4\] is not a param"):
         describe(model, stray)
+
+
+def test_worker_packs_gradients_per_dtype_run_with_zeros_for_the_absent():
+    from concord.strategies.ps.client import PSOptimizer, describe
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, bias=False))
+    model[1].double()  # a dtype change starts a new pack: 1.weight alone
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    params, infos = describe(model, opt)
+    lane = np.zeros(1 << 10, dtype=np.uint8)
+    asked: list[int] = []
+
+    def lane_space(nbytes: int):  # like ClientChannel.lane_space: room for the first pack only
+        asked.append(nbytes)
+        return lane[:nbytes] if len(asked) == 1 else None
+
+    ctx = SimpleNamespace(rank=0, world_size=1, timeout=5)
+    chan = SimpleNamespace(lane_space=lane_space)
+    ps = PSOptimizer(
+        opt, ParameterServer(), ctx, params, infos, plan_shards(infos, 1).shards, [chan]
+    )
+    ps._finalizer.detach()  # no servers to say goodbye to
+    for p in params:
+        p.grad = torch.randn_like(p)
+    model[0].bias.grad = None
+    packs, absent = ps._grads(0)
+    assert list(packs) == ["pack0", "pack1"] and absent == [1]  # 0.bias is piece 1
+    assert asked == [4 * 15, 8 * 6]
+    assert torch.equal(
+        packs["pack0"], torch.cat([model[0].weight.grad.reshape(-1), torch.zeros(3)])
+    )
+    assert packs["pack0"].data_ptr() == lane.ctypes.data  # built in the lane: sent as is
+    assert packs["pack1"].data_ptr() == model[1].weight.grad.data_ptr()  # one piece: no copy

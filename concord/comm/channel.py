@@ -256,6 +256,7 @@ class ServerChannel:
                         raise
                     log.info("%s: peer %s is gone; dropped reply %r", self.name, peer.hex(), msg.op)
                     live.remove(peer)
+                    self._sent_upto.pop(peer, None)  # it will not read what it did not get
                     continue
                 self.bytes_out += size
         return trackers
@@ -306,10 +307,12 @@ class ClientChannel:
     def lane_space(self, nbytes: int) -> np.ndarray | None:
         """Writable space in the up lane for one large frame of the next message (a tensor
         built there is sent without a copy); None without lanes, for a frame too small to go
-        through one, or when the lane is full now."""
+        through one, or when that would leave less than half the lane free (the frames of a
+        large message are then copied in as they are sent, while the server frees others)."""
         if self._lanes is None or nbytes < MIN_FRAME_BYTES:
             return None
-        return self._lanes[0].reserve(nbytes)
+        up = self._lanes[0]
+        return up.reserve(nbytes) if up.room - nbytes >= up.capacity // 2 else None
 
     def recv(
         self,

@@ -15,8 +15,9 @@ shards work in parallel:
   and the server's latest parameters replace the local ones.
 
 Packing is the one copy of the gradients: straight into the server's shared-memory lane on
-the same host, else into a buffer reused every step (zmq reads it; it is done before the
-reply comes back, so ``zero_grad()`` after ``step()`` is safe).
+the same host, else into a buffer reused every step; a pack of one piece (a large tensor)
+that does not go into the lane is sent as the gradient itself. zmq reads these buffers; it
+is done before the reply comes back, so ``zero_grad()`` after ``step()`` is safe.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ class PSOptimizer(DistributedOptimizer):
         self._slots = [[(pc, *by_name[pc.name]) for pc in shard] for shard in shards]
         self._packs = [_packs(slots) for slots in self._slots]
         self._buffers: dict[tuple[int, str], torch.Tensor] = {}  # reused push packs
+        self._push_views = True  # a one-piece pack may be the gradient itself (see _pack)
         self.channels = channels
         self.versions = [0] * len(channels)
         self.steps = 0  # pushes made; a sync push is labelled with it (see step())
@@ -241,6 +243,8 @@ class PSOptimizer(DistributedOptimizer):
         space = self.channels[s].lane_space(pack.numel * dtype.itemsize)
         if space is not None:
             return torch.cat(pieces, out=torch.frombuffer(space, dtype=dtype))
+        if len(pieces) == 1 and self._push_views:  # zmq (or the lane's put) copies it
+            return pieces[0]
         buffer = self._buffers.get((s, pack.key))
         if buffer is None or buffer.dtype != dtype:
             buffer = self._buffers[s, pack.key] = torch.empty(pack.numel, dtype=dtype)

@@ -87,6 +87,7 @@ class OverlapPSOptimizer(PSOptimizer):
 
     def attach(self, model: nn.Module) -> None:
         """Start the channel threads and hook ``model`` and its parameters (after register)."""
+        self._push_views = False  # step() returns before zmq read them: always copy
         self._threads = [ChannelThread(chan) for chan in self.channels]
         params = list({id(p): p for shard in self._slots for _, p, _ in shard}.values())
         index = {id(p): i for i, p in enumerate(params)}
