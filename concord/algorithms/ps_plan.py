@@ -9,7 +9,9 @@
 - :func:`pack_pieces` groups a shard's pieces for the wire: runs of consecutive pieces of one
   dtype, each run at most ``piece_bytes``, travel as one flat tensor (a *pack*), so a push or
   a reply is one frame per pack instead of one per piece (as DDP and Horovod fuse gradients
-  into buckets). Workers and servers derive the same packs from the same pieces.
+  into buckets; a pack is DESIGN.md's *bucket* on the PS wire, named apart from AllReduce's
+  :class:`~concord.algorithms.buckets.Bucket`). Workers and servers derive the same packs
+  from the same pieces.
 - :class:`OptimizerSpec` describes a torch optimizer declaratively (class name from an
   allow-list plus JSON hyperparameters per param group), so servers rebuild it without
   unpickling anything. Only element-wise optimizers are allowed, which is why a tensor split
