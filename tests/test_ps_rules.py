@@ -387,6 +387,9 @@ class FakeChannel:
     def reply(self, peer: bytes, msg: Message, track: bool = False):
         self.sent.append((peer, msg))
 
+    def has_lanes(self, peer: bytes) -> bool:
+        return False
+
     def reply_many(self, peers: list[bytes], msg: Message, track: bool = False, before_part=None):
         if before_part is not None:  # the whole message is one part here
             before_part(msg)
@@ -432,6 +435,16 @@ def test_server_holds_a_worker_that_runs_too_far_ahead():
     assert stats["max_lead"] == 1 and stats["gate_waits"] == 1
     assert stats["staleness"] == {"0": 2, "2": 1, "3": 1}
     assert 0 < stats["cpu_seconds"] <= time.process_time()  # this process is the server
+
+
+def test_async_replies_to_lane_peers_send_the_live_shard_and_others_a_copy():
+    for lanes in (False, True):
+        server, chan = _server(2, mode="async")
+        chan.has_lanes = lambda peer, lanes=lanes: lanes  # lanes copy the bytes as they go
+        _push(server, 0, 0)
+        ((_, msg),) = chan.sent
+        live = msg.tensors["pack0"].data_ptr() == server.shard.flats["pack0"].data_ptr()
+        assert live == lanes and torch.equal(msg.tensors["pack0"], torch.full((2,), -0.5))
 
 
 def test_server_sync_round_with_backup_worker_and_min_workers_timeout():

@@ -206,6 +206,11 @@ class ServerChannel:
         shared.free_to(min(needed, default=shared.written))
         return shared if shared.room >= 2 * nbytes else None  # (slack for the ring's tail)
 
+    def has_lanes(self, peer: bytes) -> bool:
+        """Whether ``peer`` took shared-memory lanes (its large reply frames are copied into
+        them as they are sent)."""
+        return peer in self._lanes
+
     @property
     def lane_bytes(self) -> tuple[int, int, int]:
         """Bytes received and sent through shared-memory lanes (part of bytes_in/out), and of

@@ -146,14 +146,19 @@ class ShardServer:
     def reply_params(
         self, peers: bytes | list[bytes], grads: Mapping[str, torch.Tensor] | None = None
     ) -> None:
-        """Send the shard to ``peers`` (a copy of it). With ``grads`` (a finished sync round)
-        send the live tensors instead, each reply part stepped with ``grads`` just before it is
+        """Send the shard to ``peers``: a copy of it, or, when every peer has lanes (the bytes
+        are copied into them as they are sent), the live tensors, tracked so that the next
+        update waits until zmq has read what did not fit. With ``grads`` (a finished sync
+        round) send the live tensors, each reply part stepped with ``grads`` just before it is
         signed and sent (workers check and load part k while this server updates part k+1),
-        and track them so the next update waits until zmq has read them."""
+        tracked the same way."""
         peers = [peers] if isinstance(peers, bytes) else peers
         if grads is None:
-            msg = Message("params", step=self.shard.version, tensors=self.shard.snapshot(copy=True))
-            self.chan.reply_many(peers, msg)
+            live = all(self.chan.has_lanes(peer) for peer in peers)
+            tensors = self.shard.snapshot(copy=not live)
+            msg = Message("params", step=self.shard.version, tensors=tensors)
+            trackers = self.chan.reply_many(peers, msg, track=live)
+            self.trackers.extend(t for t in trackers if t is not None)
             return
         version = self.shard.version + 1
         msg = Message("params", step=version, tensors=self.shard.snapshot(copy=False))
@@ -273,6 +278,7 @@ class ShardServer:
 
     def _async_push(self, req: Request, absent: frozenset[str]) -> None:
         assert self.clock is not None
+        self._wait_trackers()  # replies may still be read from the live tensors
         if self.shard.config.get("push") == "delta":
             self.shard.apply_deltas(req.msg.tensors)
         else:
