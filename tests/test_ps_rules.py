@@ -271,12 +271,12 @@ def test_shard_checks_every_worker_against_worker_0():
     with pytest.raises(WireError, match=r"settings \['mode'\]"):
         shard.check_worker(1, ParameterServer(mode="async").config(2), _metas())
     with pytest.raises(WireError) as err:
-        shard.check_tensors({"w[0:2]": torch.ones(2, dtype=torch.float64)}, "gradient")
+        shard.check_tensors({"w[0:2]": torch.ones(2, dtype=torch.float64)}, "gradient", _metas())
     assert err.value.kind == "dtype"
     with pytest.raises(WireError, match="has 3 elements, expected 2"):
-        shard.check_tensors({"w[0:2]": torch.ones(3)}, "gradient")
+        shard.check_tensors({"w[0:2]": torch.ones(3)}, "gradient", _metas())
     with pytest.raises(WireError, match="'x' is not a piece"):
-        shard.check_tensors({"x": torch.ones(2)}, "gradient")
+        shard.check_tensors({"x": torch.ones(2)}, "gradient", _metas())
     shard.apply_grads({"w[0:2]": torch.ones(2)})
     assert torch.equal(shard.values["w[0:2]"], torch.full((2,), 0.5)) and shard.version == 1
     shard.set_hyperparameters([{"lr": 0.25}])

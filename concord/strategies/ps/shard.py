@@ -65,7 +65,6 @@ class Shard:
         self.flats: dict[str, torch.Tensor] = {}  # pack key -> its flat tensor
         self.optimizer: torch.optim.Optimizer | None = None
         self._groups: dict[int, dict[str, Any]] = {}
-        self._expected: dict[str, dict[str, Any]] = {}  # piece key -> its description
         self.version = 0
 
     @property
@@ -102,7 +101,6 @@ class Shard:
             self.optimizer = opt_spec.build(by_group)
             self._map_groups(by_group)
         self.config, self.metas, self.values = dict(config), metas, values
-        self._expected = dict(zip(keys, metas))
 
     def _map_groups(self, by_group: list[list[torch.Tensor]]) -> None:
         assert self.optimizer is not None
@@ -145,25 +143,17 @@ class Shard:
         self,
         tensors: Mapping[str, torch.Tensor],
         what: str,
-        metas: list[dict[str, Any]] | None = None,
+        metas: list[dict[str, Any]],
         require_all: bool = False,
     ) -> None:
-        """Every tensor must name one of the pieces with its dtype and size."""
-        expected = self._expected if metas is None else {_key(m): m for m in metas}
+        """Every tensor must name one of the pieces ``metas`` describe, with its dtype and
+        size (registration; pushes carry packs, see :meth:`check_packs`)."""
+        expected = {_key(m): m for m in metas}
         for key, tensor in tensors.items():
             meta = expected.get(key)
             if meta is None:
                 raise WireError("shape", f"{what} {key!r} is not a piece of server {self.rank}")
-            if tensor.dtype != DTYPES[meta["dtype"]]:
-                raise WireError(
-                    "dtype", f"{what} {key!r} is {tensor.dtype}, expected {meta['dtype']}"
-                )
-            if tensor.numel() != meta["stop"] - meta["start"]:
-                raise WireError(
-                    "shape",
-                    f"{what} {key!r} has {tensor.numel()} elements, "
-                    f"expected {meta['stop'] - meta['start']}",
-                )
+            _check_value(what, key, tensor, meta["dtype"], meta["stop"] - meta["start"])
         missing = [k for k in expected if k not in tensors] if require_all else []
         if missing:
             raise WireError("shape", f"missing {what} for {missing[:5]}")
@@ -177,16 +167,7 @@ class Shard:
                 f"got {list(tensors)[:5]}",
             )
         for pack in self.packs:
-            tensor = tensors[pack.key]
-            if tensor.dtype != DTYPES[pack.dtype]:
-                raise WireError(
-                    "dtype", f"{what} {pack.key!r} is {tensor.dtype}, expected {pack.dtype}"
-                )
-            if tensor.numel() != pack.numel:
-                raise WireError(
-                    "shape",
-                    f"{what} {pack.key!r} has {tensor.numel()} elements, expected {pack.numel}",
-                )
+            _check_value(what, pack.key, tensors[pack.key], pack.dtype, pack.numel)
 
     def absent_pieces(self, indices: Any) -> frozenset[str]:
         """The piece keys a push says it has no gradient for (``meta["absent"]``: indices in
@@ -254,6 +235,13 @@ class Shard:
         if copy:
             return {k: v.clone() for k, v in self.flats.items()}
         return dict(self.flats)
+
+
+def _check_value(what: str, key: str, tensor: torch.Tensor, dtype: str, numel: int) -> None:
+    if tensor.dtype != DTYPES[dtype]:
+        raise WireError("dtype", f"{what} {key!r} is {tensor.dtype}, expected {dtype}")
+    if tensor.numel() != numel:
+        raise WireError("shape", f"{what} {key!r} has {tensor.numel()} elements, expected {numel}")
 
 
 def _spec(data: Any) -> OptimizerSpec:
