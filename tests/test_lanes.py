@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from concord.comm.channel import ClientChannel, ServerChannel
+from concord.comm.channel import ClientChannel, ServerChannel, local_sockets_available
 from concord.comm.lanes import Lane, LaneError, pack_frames, unpack_frames
 from concord.comm.wire import Codec, Message, WireError
 
@@ -164,6 +164,7 @@ def test_channel_moves_large_frames_through_lanes_and_falls_back_inline():
             reply = client.request(Message("push", tensors={"t": t}), awaiting="echo")
             assert torch.equal(reply.tensors["t"], 2 * t)
         assert up.moved == down.moved == 1 << 20  # only the 1 MB message used the lanes
+        assert client._local is None and server.local_messages == [0, 0]  # (local=False)
     finally:
         server_loop.stop()
         client.close()
@@ -351,6 +352,68 @@ def test_a_reply_to_several_clients_is_written_once_to_the_shared_lane():
     finally:
         for client in clients:
             client.close()
+        server.close()
+
+
+@pytest.mark.skipif(not local_sockets_available(), reason="abstract Unix sockets are Linux's")
+def test_messages_in_lanes_travel_as_local_datagrams_and_the_rest_through_zmq():
+    server = ServerChannel(Codec(SECRET), name="test server", local=True)
+    client = ClientChannel(Codec(SECRET), server.address, "server 0", timeout=10)
+    try:
+        loop = _Loop(server)
+        assert client.open_lanes(capacity=3 << 20) is True and client._local is not None
+        t = torch.randn(1 << 18)  # 1 MB: in the lanes, so the message is its head alone
+        assert torch.equal(client.request(Message("push", tensors={"t": t})).tensors["t"], 2 * t)
+        assert server.local_messages == [1, 1]
+        small = torch.randn(100)  # inline: through zmq, and so is its reply
+        reply = client.request(Message("push", tensors={"t": small}))
+        assert torch.equal(reply.tensors["t"], 2 * small) and server.local_messages == [1, 1]
+        client.part_bytes = server.part_bytes = 1 << 20  # two parts each way: all through zmq
+        t2 = torch.randn(1 << 19)
+        reply = client.request(Message("push", tensors={"a": t2[: 1 << 18], "b": t2[1 << 18 :]}))
+        assert torch.equal(torch.cat([reply.tensors["a"], reply.tensors["b"]]), 2 * t2)
+        assert server.local_messages == [1, 1]
+        assert client._lanes[0].moved == 3 << 20  # every large frame still used the lanes
+        reply = client.request(Message("push"))  # no tensors: its head alone
+        assert reply.op == "echo" and server.local_messages == [2, 2]
+        loop.stop()  # (the server's state belongs to its thread)
+        server._drop_local(next(iter(server._peer_conn.values())).fileno())  # closed:
+        loop = _Loop(server)
+        assert torch.equal(client.request(Message("push", tensors={"t": t})).tensors["t"], 2 * t)
+        assert client._local is None and server.local_messages == [2, 2]  # zmq carries on
+    finally:
+        loop.stop()
+        client.close()
+        server.close()
+
+
+@pytest.mark.skipif(not local_sockets_available(), reason="abstract Unix sockets are Linux's")
+@pytest.mark.parametrize("secret,kind", [(SECRET, "request"), (b"not the job secret", "auth")])
+def test_a_local_connection_without_a_valid_hello_is_dropped(secret, kind):
+    import socket
+
+    server = ServerChannel(Codec(SECRET), name="test server", local=True)
+    client = ClientChannel(Codec(SECRET), server.address, "server 0", timeout=10)
+    stranger = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        loop = _Loop(server)
+        assert client.open_lanes(capacity=3 << 20) is True
+        name = server._listener.getsockname()
+        stranger.settimeout(5)
+        stranger.connect(name)
+        server._tokens["ab" * 16] = b"a peer that was offered lanes"
+        token = "ab" * 16 if kind == "auth" else "00" * 16  # (a token never given out)
+        hello = Message("local", meta={"token": token})
+        stranger.send(pack_frames(Codec(secret).encode(hello), None)[0])
+        assert stranger.recv(1024) == b""  # dropped, no answer
+        assert dict(server.rejected) == {kind: 1}
+        t = torch.randn(1 << 18)  # the real client is still served through its socket
+        assert torch.equal(client.request(Message("push", tensors={"t": t})).tensors["t"], 2 * t)
+        assert server.local_messages == [1, 1]
+    finally:
+        stranger.close()
+        loop.stop()
+        client.close()
         server.close()
 
 

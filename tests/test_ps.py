@@ -18,6 +18,7 @@ from ps_harness import run_ps_job
 from torch import nn
 from torch.nn import functional as F
 
+from concord.comm.channel import local_sockets_available
 from concord.comm.lanes import Lane
 
 STEPS = 6
@@ -236,8 +237,9 @@ def _mnist_worker(strategy_kwargs: dict) -> float | None:
         test = concord.data.mnist("test")
         with torch.no_grad():
             accuracy = (model(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean().item()
+    stats = opt.server_stats()
     opt.close()
-    return accuracy
+    return accuracy, stats
 
 
 @pytest.mark.timeout(240)
@@ -246,8 +248,12 @@ def test_async_ps_trains_mnist_mlp(push, servers):
     job = run_ps_job(
         _mnist_worker, 2, servers, args=({"mode": "async", "push": push},), timeout=200
     )
-    print(f"async {push}: test accuracy {job.results[0]:.4f}")
-    assert job.results[0] >= 0.95
+    accuracy, stats = job.results[0]
+    print(f"async {push}: test accuracy {accuracy:.4f}")
+    assert accuracy >= 0.95
+    if Lane.available() and local_sockets_available():  # same host: every push (its pack in
+        for s in stats:  # a lane) came as a local datagram, and so went the replies
+            assert s["local_messages_in"] >= s["pushes"] and s["local_messages_out"] > 0
 
 
 def _async_worker(strategy_kwargs: dict, steps: int, delay: float = 0.0, die_after=None):

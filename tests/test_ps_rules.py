@@ -383,6 +383,7 @@ class FakeChannel:
         self.rejected: Counter[str] = Counter()
         self.bytes_in = self.bytes_out = 0
         self.lane_bytes = (0, 0, 0)
+        self.local_messages = [0, 0]
 
     def reply(self, peer: bytes, msg: Message, track: bool = False):
         self.sent.append((peer, msg))

@@ -12,7 +12,14 @@ sent without copies (zmq keeps a reference until the bytes are on the socket); r
 tensors share the received frames' memory. On one host a client may offer its server
 shared-memory lanes (:mod:`concord.comm.lanes`) for the large frames; a receiver that uses
 what it gets at once can read them in place (``ServerChannel(lane_views=True)``,
-``ClientChannel.recv(views=True)``).
+``ClientChannel.recv(views=True)``). A server made with ``local=True`` also offers those
+clients a Unix datagram socket (Linux): a message whose buffers all went into lanes then
+travels as one datagram (its head: MAC, header, lane map) instead of through ZeroMQ's I/O
+threads and the TCP loopback; anything else still goes through the ZeroMQ socket. A client
+has one request in flight at a time, and a multi-part message keeps to the ZeroMQ socket, so
+messages cannot overtake each other across the two. Every datagram is authenticated like any
+message; the socket's first one must carry the one-time token the server gave that client in
+its (authenticated) lanes reply.
 
 Example (the data server and the parameter servers use exactly this)::
 
@@ -30,6 +37,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import secrets
+import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -53,6 +63,8 @@ from concord.errors import ConcordError, PeerTimeoutError, ProtocolError
 
 log = logging.getLogger("concord.wire")
 _LINGER_MS = 2000
+LOCAL_DATAGRAM_BYTES = 60 << 10  # the largest message head sent as one local datagram
+_MAX_STRANGERS = 32  # local connections that have not said hello yet
 
 
 def _context() -> zmq.Context:
@@ -79,11 +91,13 @@ class ServerChannel:
         name: str = "server",
         lane_views: bool = False,
         broadcast: bool = False,
+        local: bool = False,
     ):
         self.codec = codec
         self.name = name
         self.lane_views = lane_views
         self.broadcast = broadcast
+        self.local = local and local_sockets_available()
         self.socket = _context().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, _LINGER_MS)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -101,6 +115,13 @@ class ServerChannel:
         self._held: list[Lane] = []  # lanes the last request's tensors are views of
         self._shared: Lane | None = None  # with broadcast: one lane every local peer reads
         self._sent_upto: dict[bytes, int] = {}  # peer -> end of its last shared-lane frame
+        self._listener: socket.socket | None = None  # with local: the Unix datagram socket
+        self._conns: dict[int, socket.socket] = {}  # fd -> accepted local connection
+        self._conn_peer: dict[int, bytes] = {}  # fd -> the peer that said hello on it
+        self._peer_conn: dict[bytes, socket.socket] = {}
+        self._tokens: dict[str, bytes] = {}  # hello token -> the peer it was given to
+        self._poll_items: list[tuple[Any, int]] | None = None
+        self.local_messages = [0, 0]  # requests in and replies out through local sockets
         self.rejected: Counter[str] = Counter()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -124,10 +145,19 @@ class ServerChannel:
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            if not _readable(self.socket, left_ms):
+            source = self._wait(left_ms)
+            if source is None:
                 return None
-            frames = self.socket.recv_multipart(copy=False)
-            peer, body = frames[0].bytes, frames[1:]
+            if source is self.socket:
+                frames = self.socket.recv_multipart(copy=False)
+                peer, body = frames[0].bytes, frames[1:]
+            else:
+                got = self._recv_local(source)
+                if got is None:
+                    if time.monotonic() >= deadline:
+                        return None
+                    continue
+                peer, body = got
             try:
                 lanes = self._lanes.get(peer)
                 views = self.lane_views and lanes is not None
@@ -155,6 +185,129 @@ class ServerChannel:
             if time.monotonic() >= deadline:
                 return None
 
+    def _wait(self, timeout_ms: int) -> Any:
+        """The ZeroMQ socket or a local connection's fd with something to read (accepting
+        new local connections on the way), or None after ``timeout_ms``."""
+        if self._listener is None:
+            return self.socket if _readable(self.socket, timeout_ms) else None
+        if self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return self.socket
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            if self._poll_items is None:
+                fds = [self._listener.fileno(), *self._conns]
+                self._poll_items = [(self.socket, zmq.POLLIN), *((fd, zmq.POLLIN) for fd in fds)]
+            left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            ready = [what for what, _ in zmq.zmq_poll(self._poll_items, left_ms)]
+            if not ready:
+                return None
+            if self._listener.fileno() in ready:
+                self._accept_local()
+            for what in ready:
+                if what is self.socket or what in self._conns:
+                    return what
+
+    def _accept_local(self) -> None:
+        assert self._listener is not None
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:
+            return
+        if len(self._conns) - len(self._conn_peer) >= _MAX_STRANGERS:
+            conn.close()  # (only the job's clients get a token to say hello with)
+            return
+        conn.setblocking(False)
+        self._conns[conn.fileno()] = conn
+        self._poll_items = None
+
+    def _recv_local(self, fd: int) -> tuple[bytes, list[Any]] | None:
+        """(peer, frames) of the datagram waiting on local connection ``fd``; None for a
+        hello, a closed connection or nothing to read."""
+        conn = self._conns[fd]
+        try:
+            data = conn.recv(LOCAL_DATAGRAM_BYTES)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        peer = self._conn_peer.get(fd)
+        if not data:
+            self._drop_local(fd)
+            return None
+        if peer is None:
+            self._hello(fd, data)
+            return None
+        self.local_messages[0] += 1
+        return peer, [data]
+
+    def _hello(self, fd: int, data: bytes) -> None:
+        """The first datagram on a local connection: an authenticated ``local`` message with
+        the token this server gave one peer; that peer's messages may then come this way."""
+        conn = self._conns[fd]
+        try:
+            msg = self.codec.decode(unpack_frames([data], None))
+            peer = self._tokens.pop(str(msg.meta.get("token")), None)
+            if msg.op != "local" or peer is None:
+                raise WireError("request", "a local connection must begin with a valid hello")
+        except (WireError, ValueError) as exc:
+            exc = _wire_error(exc)
+            self.rejected[exc.kind] += 1
+            log.warning("%s: rejected a local connection: %s", self.name, exc)
+            self._drop_local(fd)
+            return
+        old = self._peer_conn.pop(peer, None)
+        if old is not None:
+            self._drop_local(old.fileno())
+        self._conn_peer[fd] = peer
+        self._peer_conn[peer] = conn
+        head = pack_frames(self.codec.encode(Message("local", meta={"ok": True})), None)[0]
+        try:
+            conn.send(head)
+        except OSError:
+            self._drop_local(fd)
+
+    def _drop_local(self, fd: int) -> None:
+        conn = self._conns.pop(fd, None)
+        peer = self._conn_peer.pop(fd, None)
+        if peer is not None and self._peer_conn.get(peer) is conn:
+            del self._peer_conn[peer]
+        if conn is not None:
+            conn.close()
+        self._poll_items = None
+
+    def _local_listener(self) -> socket.socket | None:
+        """The Unix datagram socket local peers connect to (created on first use)."""
+        if self.local and self._listener is None:
+            try:
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                listener.bind("\0concord-" + secrets.token_hex(16))  # abstract: no file
+                listener.listen(64)
+                listener.setblocking(False)
+            except OSError as exc:
+                log.info("%s: no local sockets (%s)", self.name, exc)
+                self.local = False
+                return None
+            self._listener = listener
+            self._poll_items = None
+        return self._listener
+
+    def _send_local(self, peer: bytes, out: list[Any]) -> bool:
+        """Send ``out`` (socket frames) to ``peer`` as one local datagram if it can go that
+        way: it has a local connection, the message is its head alone (every buffer is in a
+        lane) and small enough, and the datagram fits its socket's buffer now."""
+        conn = self._peer_conn.get(peer)
+        if conn is None or len(out) != 1 or len(out[0]) > LOCAL_DATAGRAM_BYTES:
+            return False
+        try:
+            conn.send(out[0])
+        except BlockingIOError:  # it is not reading: ZeroMQ queues the message instead
+            return False
+        except OSError:  # it is gone
+            self._drop_local(conn.fileno())
+            return False
+        self.local_messages[1] += 1
+        return True
+
     def _accept_lanes(self, peer: bytes, msg: Message) -> None:
         """Map the shared-memory lanes a same-host client offers (op ``lanes``)."""
         try:
@@ -169,6 +322,12 @@ class ServerChannel:
         self._lanes[peer] = (up, down)
         self._sent_upto.pop(peer, None)
         meta: dict[str, Any] = {"ok": True}
+        listener = self._local_listener()
+        if listener is not None:
+            token = secrets.token_hex(16)
+            self._tokens = {t: p for t, p in self._tokens.items() if p != peer}
+            self._tokens[token] = peer
+            meta |= {"local": listener.getsockname()[1:].decode(), "local_token": token}
         shared = self._shared_lane()
         if shared is not None:
             meta |= {
@@ -223,7 +382,8 @@ class ServerChannel:
     def reply(self, peer: bytes, msg: Message, track: bool = False) -> zmq.MessageTracker | None:
         """Send ``msg`` to ``peer`` (zero-copy). With ``track`` return a tracker that is done
         when zmq no longer reads the tensors' memory. A vanished peer is logged, not raised."""
-        return self.reply_many([peer], msg, track)[0]
+        trackers = self.reply_many([peer], msg, track)
+        return trackers[0] if trackers else None
 
     def reply_many(
         self,
@@ -237,7 +397,8 @@ class ServerChannel:
         is encoded (even with no peers left). With ``track``: one tracker per part sent."""
         trackers: list[zmq.MessageTracker | None] = []
         live = list(peers)
-        for part in split_message(msg, next(self._ids), self.part_bytes):
+        parts = split_message(msg, next(self._ids), self.part_bytes)
+        for part in parts:
             if before_part is not None:
                 before_part(part)
             frames = self.codec.encode(part)
@@ -252,6 +413,10 @@ class ServerChannel:
                 if shared is None:
                     lanes = self._lanes.get(peer)
                     out = pack_frames(frames, lanes[1] if lanes else None)
+                if len(parts) == 1 and self._send_local(peer, out):
+                    trackers.append(None)  # (the bytes are in a lane already)
+                    self.bytes_out += size
+                    continue
                 try:
                     trackers.append(
                         self.socket.send_multipart([peer, *out], copy=False, track=track)
@@ -268,6 +433,11 @@ class ServerChannel:
 
     def close(self) -> None:
         self.socket.close()
+        for fd in list(self._conns):
+            self._drop_local(fd)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         for lanes in self._lanes.values():
             for lane in lanes:
                 lane.close()
@@ -297,17 +467,56 @@ class ClientChannel:
         self._ids = itertools.count()
         self._lanes: tuple[Lane, Lane] | None = None  # (up, down) once the server took them
         self._shared: Lane | None = None  # the server's lane for replies to several clients
+        self._local: socket.socket | None = None  # the server's local socket, if offered
         self._broken: str | None = None
 
     def send(self, msg: Message) -> None:
         """Queue ``msg`` for the server (zero-copy; returns before the bytes are sent). A large
         message goes as parts, each handed to zmq as soon as it is authenticated."""
         self._check()
-        for part in split_message(msg, next(self._ids), self.part_bytes):
+        parts = split_message(msg, next(self._ids), self.part_bytes)
+        for part in parts:
             frames = self.codec.encode(part)
             self.bytes_out += sum(_nbytes(f) for f in frames)
             frames = pack_frames(frames, self._lanes[0] if self._lanes else None)
+            if len(parts) == 1 and self._send_local(frames):
+                continue
             self.socket.send_multipart(frames, copy=False)
+
+    def _send_local(self, frames: list[Any]) -> bool:
+        """Send a one-part message through the local socket if it is its head alone."""
+        if self._local is None or len(frames) != 1 or len(frames[0]) > LOCAL_DATAGRAM_BYTES:
+            return False
+        try:
+            self._local.send(frames[0])
+        except TimeoutError:
+            self._broken = "a local send timed out"
+            raise PeerTimeoutError(
+                f"{self.peer} did not read its local socket within {self.timeout:g}s"
+            ) from None
+        except OSError as exc:  # the server closed it: the ZeroMQ socket carries on
+            log.info("%s: local socket closed (%s)", self.peer, exc)
+            self._close_local()
+            return False
+        return True
+
+    def _wait(self, timeout_ms: int) -> Any:
+        """The ZeroMQ socket or the local socket, whichever has a message; None after
+        ``timeout_ms``."""
+        if self._local is None:
+            return self.socket if _readable(self.socket, timeout_ms) else None
+        if self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return self.socket
+        items = [(self.socket, zmq.POLLIN), (self._local.fileno(), zmq.POLLIN)]
+        ready = [what for what, _ in zmq.zmq_poll(items, timeout_ms)]
+        if not ready:
+            return None
+        return self.socket if self.socket in ready else self._local
+
+    def _close_local(self) -> None:
+        if self._local is not None:
+            self._local.close()
+            self._local = None
 
     def lane_space(self, nbytes: int) -> np.ndarray | None:
         """Writable space in the up lane for one large frame of the next message (a tensor
@@ -342,14 +551,25 @@ class ClientChannel:
         deadline = time.monotonic() + timeout
         while True:
             left = max(0.0, deadline - time.monotonic())
-            if not _readable(self.socket, int(left * 1000)):
+            source = self._wait(int(left * 1000))
+            if source is None:
                 self._broken = f"it timed out awaiting {awaiting}"
                 raise PeerTimeoutError(
                     f"{self.peer} at {self.address} did not answer within {timeout:g}s "
                     f"(awaiting {awaiting}); is it running and reachable? Raise the limit with "
                     "concord run --timeout or CONCORD_TIMEOUT"
                 )
-            frames = self.socket.recv_multipart(copy=False)
+            if source is self.socket:
+                frames = self.socket.recv_multipart(copy=False)
+            else:
+                try:
+                    data = self._local.recv(LOCAL_DATAGRAM_BYTES)
+                except OSError:  # (reset: the server is gone)
+                    data = b""
+                if not data:  # the server closed it (its messages now come through ZeroMQ)
+                    self._close_local()
+                    continue
+                frames = [data]
             try:
                 msg, part = self._decode(frames, (down, shared), views, awaiting)
                 if on_part is not None and part.op != "error":
@@ -415,7 +635,33 @@ class ClientChannel:
                 self._shared = Lane.attach_shared(path, capacity, up, token)
             except (KeyError, TypeError, ValueError, OSError) as exc:
                 log.info("%s: cannot map its shared lane (%s)", self.peer, exc)
+        if "local" in reply.meta:
+            self._open_local(str(reply.meta["local"]), str(reply.meta.get("local_token")))
         return True
+
+    def _open_local(self, name: str, token: str) -> None:
+        """Connect to the server's local socket and say hello with ``token`` (on any failure
+        everything keeps going through the ZeroMQ socket)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect("\0" + name)
+            hello = Message("local", meta={"token": token})
+            sock.send(pack_frames(self.codec.encode(hello), None)[0])
+            reply = self.codec.decode(unpack_frames([sock.recv(LOCAL_DATAGRAM_BYTES)], None))
+            if reply.op != "local" or reply.meta.get("ok") is not True:
+                raise WireError("remote", f"hello answered with {reply.op!r}")
+        except TimeoutError:
+            sock.close()
+            self._broken = "it did not answer a local hello"
+            raise PeerTimeoutError(
+                f"{self.peer} did not answer on its local socket within {self.timeout:g}s"
+            ) from None
+        except (OSError, WireError, ValueError) as exc:
+            log.info("%s: no local socket (%s)", self.peer, exc)
+            sock.close()
+            return
+        self._local = sock
 
     def request(self, msg: Message, awaiting: str | None = None, timeout: float | None = None):
         """Send ``msg`` and wait for its reply."""
@@ -433,6 +679,7 @@ class ClientChannel:
         if linger is None:
             linger = 0.0 if self._broken else _LINGER_MS / 1000
         self.socket.close(linger=int(linger * 1000))
+        self._close_local()
         for lane in (*(self._lanes or ()), *([self._shared] if self._shared else [])):
             lane.close()
         self._lanes = self._shared = None
@@ -444,6 +691,11 @@ def _readable(socket: zmq.Socket, timeout_ms: int) -> bool:
     if socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
         return True
     return bool(zmq.zmq_poll([(socket, zmq.POLLIN)], timeout_ms))
+
+
+def local_sockets_available() -> bool:
+    """Whether this platform has the abstract Unix sockets local peers talk through."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SOCK_SEQPACKET")
 
 
 def lanes_wanted() -> bool:

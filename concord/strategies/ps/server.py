@@ -402,6 +402,8 @@ class ShardServer:
             "lane_bytes_in": self.chan.lane_bytes[0],
             "lane_bytes_out": self.chan.lane_bytes[1],
             "lane_bytes_shared": self.chan.lane_bytes[2],
+            "local_messages_in": self.chan.local_messages[0],
+            "local_messages_out": self.chan.local_messages[1],
             "rejected": dict(self.chan.rejected),
             "done": sorted(self.done),
             "lost": sorted(self.lost),
@@ -454,6 +456,7 @@ def main() -> int:
         name=f"server {ctx.rank}",
         lane_views=True,
         broadcast=True,
+        local=os.environ.get("CONCORD_LOCAL_SOCKETS", "1") != "0",
     )
     address = hosts.url(chan.port)
     publish_address(ctx.store, f"{ctx.store_prefix}server/{ctx.rank}/addr", address)
