@@ -365,22 +365,23 @@ def test_messages_in_lanes_travel_as_local_datagrams_and_the_rest_through_zmq():
         t = torch.randn(1 << 18)  # 1 MB: in the lanes, so the message is its head alone
         assert torch.equal(client.request(Message("push", tensors={"t": t})).tensors["t"], 2 * t)
         assert server.local_messages == [1, 1]
-        small = torch.randn(100)  # inline: through zmq, and so is its reply
+        small = torch.randn(100)  # small buffers go into the lanes too when that makes a datagram
         reply = client.request(Message("push", tensors={"t": small}))
-        assert torch.equal(reply.tensors["t"], 2 * small) and server.local_messages == [1, 1]
+        assert torch.equal(reply.tensors["t"], 2 * small) and server.local_messages == [2, 2]
+        assert client._lanes[0].moved == (1 << 20) + 400
+        reply = client.request(Message("push", meta={"note": "x" * (70 << 10)}))  # head > 60 KiB
+        assert reply.op == "echo" and server.local_messages == [2, 3]  # (its reply is small)
         client.part_bytes = server.part_bytes = 1 << 20  # two parts each way: all through zmq
         t2 = torch.randn(1 << 19)
         reply = client.request(Message("push", tensors={"a": t2[: 1 << 18], "b": t2[1 << 18 :]}))
         assert torch.equal(torch.cat([reply.tensors["a"], reply.tensors["b"]]), 2 * t2)
-        assert server.local_messages == [1, 1]
-        assert client._lanes[0].moved == 3 << 20  # every large frame still used the lanes
-        reply = client.request(Message("push"))  # no tensors: its head alone
-        assert reply.op == "echo" and server.local_messages == [2, 2]
+        assert server.local_messages == [2, 3]
+        assert client._lanes[0].moved == (3 << 20) + 400  # its large frames still used the lanes
         loop.stop()  # (the server's state belongs to its thread)
         server._drop_local(next(iter(server._peer_conn.values())).fileno())  # closed:
         loop = _Loop(server)
         assert torch.equal(client.request(Message("push", tensors={"t": t})).tensors["t"], 2 * t)
-        assert client._local is None and server.local_messages == [2, 2]  # zmq carries on
+        assert client._local is None and server.local_messages == [2, 3]  # zmq carries on
     finally:
         loop.stop()
         client.close()

@@ -406,13 +406,17 @@ class ServerChannel:
             shared = self._shared_for(live, size)
             if shared is not None:  # written once, read by every peer
                 before = shared.written
-                out = pack_frames(frames, shared, shared=True)
+                local = all(peer in self._peer_conn for peer in live)
+                out = pack_frames(frames, shared, shared=True, min_bytes=_min_bytes(local))
                 if shared.written != before:  # (nothing fitted: all inline)
                     self._sent_upto.update(dict.fromkeys(live, shared.written))
             for peer in list(live):
                 if shared is None:
                     lanes = self._lanes.get(peer)
-                    out = pack_frames(frames, lanes[1] if lanes else None)
+                    local = peer in self._peer_conn
+                    out = pack_frames(
+                        frames, lanes[1] if lanes else None, min_bytes=_min_bytes(local)
+                    )
                 if len(parts) == 1 and self._send_local(peer, out):
                     trackers.append(None)  # (the bytes are in a lane already)
                     self.bytes_out += size
@@ -478,7 +482,8 @@ class ClientChannel:
         for part in parts:
             frames = self.codec.encode(part)
             self.bytes_out += sum(_nbytes(f) for f in frames)
-            frames = pack_frames(frames, self._lanes[0] if self._lanes else None)
+            lane = self._lanes[0] if self._lanes else None
+            frames = pack_frames(frames, lane, min_bytes=_min_bytes(self._local is not None))
             if len(parts) == 1 and self._send_local(frames):
                 continue
             self.socket.send_multipart(frames, copy=False)
@@ -696,6 +701,11 @@ def _readable(socket: zmq.Socket, timeout_ms: int) -> bool:
 def local_sockets_available() -> bool:
     """Whether this platform has the abstract Unix sockets local peers talk through."""
     return sys.platform.startswith("linux") and hasattr(socket, "SOCK_SEQPACKET")
+
+
+def _min_bytes(local: bool) -> int:
+    """The smallest buffer worth a lane: any, when that makes the message a local datagram."""
+    return 0 if local else MIN_FRAME_BYTES  # (the socket is as fast for a small one)
 
 
 def lanes_wanted() -> bool:

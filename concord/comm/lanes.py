@@ -261,18 +261,22 @@ SHARED_MARK = b"concord-lane/s"  # ... in the sender's shared lane (a broadcast 
 _COUNT = 8  # bytes of the map's entry count after the mark
 
 
-def pack_frames(frames: list[Any], lane: Lane | None, shared: bool = False) -> list[Any]:
+def pack_frames(
+    frames: list[Any], lane: Lane | None, shared: bool = False, min_bytes: int | None = None
+) -> list[Any]:
     """What goes on the socket for codec frames ``[mac, header, *buffers]``: one head frame,
-    ``mac || header``, then the buffers; with ``lane``, each large buffer that fits moves into
-    it and the head becomes ``LANE_MARK || n || map || mac || header`` (``SHARED_MARK`` when
-    ``lane`` is the sender's shared lane), where ``map`` lists ``(buffer index, lane position,
-    bytes)`` as ``n`` int64 triples."""
+    ``mac || header``, then the buffers; with ``lane``, each buffer of ``min_bytes`` or more
+    (default :data:`MIN_FRAME_BYTES`) that fits moves into it and the head becomes
+    ``LANE_MARK || n || map || mac || header`` (``SHARED_MARK`` when ``lane`` is the sender's
+    shared lane), where ``map`` lists ``(buffer index, lane position, bytes)`` as ``n`` int64
+    triples."""
     mac, header, buffers = frames[0], frames[1], frames[2:]
+    min_bytes = MIN_FRAME_BYTES if min_bytes is None else min_bytes
     placed: list[int] = []
     inline = []
     for i, buf in enumerate(buffers):
         nbytes = memoryview(buf).nbytes
-        position = lane.put(buf) if lane is not None and nbytes >= MIN_FRAME_BYTES else None
+        position = lane.put(buf) if lane is not None and nbytes >= min_bytes else None
         if position is None:
             inline.append(buf)
         else:
