@@ -3,11 +3,12 @@
 ``concord run -n 4 --servers 2 train.py`` starts two of these next to the four workers, with
 ``CONCORD_ROLE=server``, ``RANK`` = server index, ``WORLD_SIZE`` = number of workers,
 ``CONCORD_SERVERS``, ``MASTER_ADDR``/``MASTER_PORT`` (the job's store), ``CONCORD_SECRET`` and
-``CONCORD_TIMEOUT`` (and optionally ``CONCORD_SERVER_THREADS``, torch threads, default 1).
-The server binds a ZeroMQ ROUTER port, publishes ``tcp://host:port`` in
-the store under ``concord/<attempt>/server/<rank>/addr`` and serves until every worker has said
-goodbye (or was lost); under ``concord run`` it serves until the launcher stops it after the
-workers exited. It never runs user code.
+``CONCORD_TIMEOUT`` (and optionally ``CONCORD_SERVER_THREADS``, torch threads, default 1;
+``CONCORD_LOCAL_SOCKETS=0``: no local datagram socket for same-host workers, see
+:mod:`concord.comm.channel`). The server binds a ZeroMQ ROUTER port, publishes
+``tcp://host:port`` in the store under ``concord/<attempt>/server/<rank>/addr`` and serves
+until every worker has said goodbye (or was lost); under ``concord run`` it serves until the
+launcher stops it after the workers exited. It never runs user code.
 
 Operations (all authenticated, see :mod:`concord.comm.wire`): ``register`` (worker 0 sends
 the initial pieces and the optimizer spec; others are checked against it), ``push`` (a
