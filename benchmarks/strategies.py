@@ -11,6 +11,8 @@ configurations run in the same invocation, so the ratio "sync PS (S=2) / AllRedu
 compares peers under the same machine load. ``CPU ms/step`` is the CPU time (all threads)
 that every process of the job (workers and servers) spent per timed step: on a host where
 the cores are the bottleneck it says where the time goes, and it is steadier than samples/s.
+``idle``: the share of the host's CPU time (``/proc/stat``) left idle over worker 0's timed
+steps — the cores the job could not keep busy, on a host running nothing else.
 ``--quick``: N=4 only (AllReduce, sync PS S=2 without and with overlap, async PS S=2), fewer
 steps. ``+overlap`` rows use ``ParameterServer(overlap=True)``. ``--pairs K``: only the goal's
 two configurations at N=4, AllReduce and sync PS (S=2), in K back-to-back pairs; each pair
@@ -59,6 +61,7 @@ def worker(args: argparse.Namespace) -> None:
     for i in range(args.warmup + args.steps):
         if i == args.warmup:  # CPU of this worker (all its threads) and of the servers
             cpu, server_cpu = time.process_time(), _server_cpu(opt, ctx.rank)
+            host = _host_times() if ctx.rank == 0 else None
         start = time.perf_counter()
         x, y = next(batches)
         opt.zero_grad()
@@ -71,6 +74,7 @@ def worker(args: argparse.Namespace) -> None:
         opt.close()
     step = statistics.median(times[args.warmup :])
     result = {"rank": ctx.rank, "seconds": step, "cpu": cpu, "server_cpu": server_cpu}
+    result["idle"] = _idle_since(host)
     print(MARK + json.dumps(result), flush=True)
     concord.shutdown()
 
@@ -89,11 +93,31 @@ def _server_cpu(opt, rank: int) -> float:  # noqa: ANN001
     return sum(s["cpu_seconds"] for s in opt.server_stats())
 
 
+def _host_times() -> tuple[int, int] | None:
+    """(idle, total) CPU ticks of the whole host so far, from ``/proc/stat`` (Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, of user..steal
+
+
+def _idle_since(start: tuple[int, int] | None) -> float | None:
+    """The fraction of the host's CPU time that was idle since ``start``."""
+    end = _host_times()
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    return (end[0] - start[0]) / (end[1] - start[1])
+
+
 def run_job(
     strategy: str, workers: int, servers: int, args: argparse.Namespace
-) -> tuple[float, float]:
-    """One job: samples/s (N * batch / the slowest worker's median step time) and the CPU
-    milliseconds that all of its processes (workers and servers) spent per timed step."""
+) -> tuple[float, float, float | None]:
+    """One job: samples/s (N * batch / the slowest worker's median step time), the CPU
+    milliseconds that all of its processes (workers and servers) spent per timed step, and
+    the fraction of the host's CPU time left idle over worker 0's timed steps (None off
+    Linux; on a host running nothing else it is the cores the job could not keep busy)."""
     cmd = [sys.executable, "-m", "concord.cli", "run", "-n", str(workers)]
     if servers:
         cmd += ["--servers", str(servers)]
@@ -110,7 +134,8 @@ def run_job(
             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
     cpu = sum(r["cpu"] + r["server_cpu"] for r in results)
-    return workers * args.batch / max(r["seconds"] for r in results), 1e3 * cpu
+    idle = next((r["idle"] for r in results if r["idle"] is not None), None)
+    return workers * args.batch / max(r["seconds"] for r in results), 1e3 * cpu, idle
 
 
 def configs(quick: bool) -> list[tuple[str, int, int]]:
@@ -149,11 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps = 50
     rows = []
-    print(f"{'strategy':<16} {'N':>2} {'S':>2} {'samples/s':>10} {'CPU ms/step':>12}", flush=True)
+    print(
+        f"{'strategy':<16} {'N':>2} {'S':>2} {'samples/s':>10} {'CPU ms/step':>12} {'idle':>5}",
+        flush=True,
+    )
     for strategy, n, s in configs(args.quick):
         jobs = [run_job(strategy, n, s, args) for _ in range(args.repeats)]
-        rate = statistics.median(rate for rate, _ in jobs)
-        cpu = statistics.median(cpu for _, cpu in jobs)
+        rate = statistics.median(rate for rate, _, _ in jobs)
+        cpu = statistics.median(cpu for _, cpu, _ in jobs)
+        idle = _median_or_none([idle for _, _, idle in jobs])
         rows.append(
             {
                 "strategy": strategy,
@@ -161,9 +190,13 @@ def main(argv: list[str] | None = None) -> int:
                 "servers": s,
                 "samples_per_s": rate,
                 "cpu_ms_per_step": cpu,
+                "idle": idle,
             }
         )
-        print(f"{strategy:<16} {n:>2} {s or '-':>2} {rate:10.0f} {cpu:12.1f}", flush=True)
+        print(
+            f"{strategy:<16} {n:>2} {s or '-':>2} {rate:10.0f} {cpu:12.1f} {_percent(idle):>5}",
+            flush=True,
+        )
     by = {(r["strategy"], r["workers"], r["servers"]): r for r in rows}
     ps, ar = by[("ps-sync", 4, 2)], by[("allreduce", 4, 0)]
     ratio = ps["samples_per_s"] / ar["samples_per_s"]
@@ -178,18 +211,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"
+
+
 def _pairs(args: argparse.Namespace) -> int:
     """K back-to-back pairs (AllReduce, sync PS S=2) at N=4: one ratio per pair."""
     rows = []
     for k in range(args.pairs):
-        ar, ar_cpu = run_job("allreduce", 4, 0, args)
-        ps, ps_cpu = run_job("ps-sync", 4, 2, args)
+        ar, ar_cpu, ar_idle = run_job("allreduce", 4, 0, args)
+        ps, ps_cpu, ps_idle = run_job("ps-sync", 4, 2, args)
         rows.append(
-            {"allreduce": ar, "ps_sync_s2": ps, "ratio": ps / ar, "cpu_ratio": ps_cpu / ar_cpu}
+            {
+                "allreduce": ar,
+                "ps_sync_s2": ps,
+                "ratio": ps / ar,
+                "cpu_ratio": ps_cpu / ar_cpu,
+                "idle": [ar_idle, ps_idle],
+            }
         )
         print(
             f"pair {k}: AllReduce {ar:8.0f}  sync PS S=2 {ps:8.0f}  ratio {ps / ar:.2f}  "
-            f"CPU ratio {ps_cpu / ar_cpu:.2f}",
+            f"CPU ratio {ps_cpu / ar_cpu:.2f}  idle {_percent(ar_idle)} / {_percent(ps_idle)}",
             flush=True,
         )
     ratios = [r["ratio"] for r in rows]

@@ -211,7 +211,7 @@ def test_sync_ps_with_large_pieces_parts_and_lanes_equals_one_process(servers, l
 
 
 # -- async ----------------------------------------------------------------------------------
-def _mnist_worker(strategy_kwargs: dict) -> float | None:
+def _mnist_worker(strategy_kwargs: dict) -> tuple[float | None, list[dict]]:
     import concord
 
     ctx = concord.init(timeout=60)
