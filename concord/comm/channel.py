@@ -120,7 +120,6 @@ class ServerChannel:
         self._conn_peer: dict[int, bytes] = {}  # fd -> the peer that said hello on it
         self._peer_conn: dict[bytes, socket.socket] = {}
         self._tokens: dict[str, bytes] = {}  # hello token -> the peer it was given to
-        self._poll_items: list[tuple[Any, int]] | None = None
         self.local_messages = [0, 0]  # requests in and replies out through local sockets
         self.rejected: Counter[str] = Counter()
         self.bytes_in = 0
@@ -188,20 +187,14 @@ class ServerChannel:
     def _wait(self, timeout_ms: int) -> Any:
         """The ZeroMQ socket or a local connection's fd with something to read (accepting
         new local connections on the way), or None after ``timeout_ms``."""
-        if self._listener is None:
-            return self.socket if _readable(self.socket, timeout_ms) else None
-        if self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            return self.socket
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
-            if self._poll_items is None:
-                fds = [self._listener.fileno(), *self._conns]
-                self._poll_items = [(self.socket, zmq.POLLIN), *((fd, zmq.POLLIN) for fd in fds)]
+            fds = [] if self._listener is None else [self._listener.fileno(), *self._conns]
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            ready = [what for what, _ in zmq.zmq_poll(self._poll_items, left_ms)]
+            ready = _ready(self.socket, left_ms, fds)
             if not ready:
                 return None
-            if self._listener.fileno() in ready:
+            if fds and fds[0] in ready:
                 self._accept_local()
             for what in ready:
                 if what is self.socket or what in self._conns:
@@ -218,18 +211,13 @@ class ServerChannel:
             return
         conn.setblocking(False)
         self._conns[conn.fileno()] = conn
-        self._poll_items = None
 
     def _recv_local(self, fd: int) -> tuple[bytes, list[Any]] | None:
         """(peer, frames) of the datagram waiting on local connection ``fd``; None for a
         hello, a closed connection or nothing to read."""
-        conn = self._conns[fd]
-        try:
-            data = conn.recv(LOCAL_DATAGRAM_BYTES)
-        except BlockingIOError:
+        data = _datagram(self._conns[fd])
+        if data is None:
             return None
-        except OSError:
-            data = b""
         peer = self._conn_peer.get(fd)
         if not data:
             self._drop_local(fd)
@@ -273,7 +261,6 @@ class ServerChannel:
             del self._peer_conn[peer]
         if conn is not None:
             conn.close()
-        self._poll_items = None
 
     def _local_listener(self) -> socket.socket | None:
         """The Unix datagram socket local peers connect to (created on first use)."""
@@ -288,18 +275,17 @@ class ServerChannel:
                 self.local = False
                 return None
             self._listener = listener
-            self._poll_items = None
         return self._listener
 
     def _send_local(self, peer: bytes, out: list[Any]) -> bool:
         """Send ``out`` (socket frames) to ``peer`` as one local datagram if it can go that
         way: it has a local connection, the message is its head alone (every buffer is in a
         lane) and small enough, and the datagram fits its socket's buffer now."""
-        conn = self._peer_conn.get(peer)
-        if conn is None or len(out) != 1 or len(out[0]) > LOCAL_DATAGRAM_BYTES:
+        conn, datagram = self._peer_conn.get(peer), _as_datagram(out)
+        if conn is None or datagram is None:
             return False
         try:
-            conn.send(out[0])
+            conn.send(datagram)
         except BlockingIOError:  # it is not reading: ZeroMQ queues the message instead
             return False
         except OSError:  # it is gone
@@ -355,13 +341,10 @@ class ServerChannel:
         shared = self._shared
         if shared is None or len(peers) < 2:
             return None
-        if any(peer not in self._lanes or self._lanes[peer][0].acked < 0 for peer in peers):
+        acked = {peer: up.acked for peer, (up, _) in self._lanes.items()}  # (read once each)
+        if any(acked.get(peer, -1) < 0 for peer in peers):
             return None
-        needed = [
-            up.acked
-            for peer, (up, _) in self._lanes.items()
-            if up.acked < self._sent_upto.get(peer, -1)
-        ]
+        needed = [ack for peer, ack in acked.items() if ack < self._sent_upto.get(peer, -1)]
         shared.free_to(min(needed, default=shared.written))
         return shared if shared.room >= 2 * nbytes else None  # (slack for the ring's tail)
 
@@ -490,10 +473,11 @@ class ClientChannel:
 
     def _send_local(self, frames: list[Any]) -> bool:
         """Send a one-part message through the local socket if it is its head alone."""
-        if self._local is None or len(frames) != 1 or len(frames[0]) > LOCAL_DATAGRAM_BYTES:
+        datagram = _as_datagram(frames)
+        if self._local is None or datagram is None:
             return False
         try:
-            self._local.send(frames[0])
+            self._local.send(datagram)
         except TimeoutError:
             self._broken = "a local send timed out"
             raise PeerTimeoutError(
@@ -508,12 +492,8 @@ class ClientChannel:
     def _wait(self, timeout_ms: int) -> Any:
         """The ZeroMQ socket or the local socket, whichever has a message; None after
         ``timeout_ms``."""
-        if self._local is None:
-            return self.socket if _readable(self.socket, timeout_ms) else None
-        if self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            return self.socket
-        items = [(self.socket, zmq.POLLIN), (self._local.fileno(), zmq.POLLIN)]
-        ready = [what for what, _ in zmq.zmq_poll(items, timeout_ms)]
+        fds = [] if self._local is None else [self._local.fileno()]
+        ready = _ready(self.socket, timeout_ms, fds)
         if not ready:
             return None
         return self.socket if self.socket in ready else self._local
@@ -567,10 +547,7 @@ class ClientChannel:
             if source is self.socket:
                 frames = self.socket.recv_multipart(copy=False)
             else:
-                try:
-                    data = self._local.recv(LOCAL_DATAGRAM_BYTES)
-                except OSError:  # (reset: the server is gone)
-                    data = b""
+                data = _datagram(self._local)
                 if not data:  # the server closed it (its messages now come through ZeroMQ)
                     self._close_local()
                     continue
@@ -690,12 +667,33 @@ class ClientChannel:
         self._lanes = self._shared = None
 
 
-def _readable(socket: zmq.Socket, timeout_ms: int) -> bool:
-    """Whether a message is waiting on ``socket``, waiting up to ``timeout_ms`` for one. A
-    message already queued is seen without a poll (a system call and a Poller per wait)."""
+def _ready(socket: zmq.Socket, timeout_ms: int, fds: list[int]) -> list[Any]:
+    """What has something to read among ``socket`` and the file descriptors ``fds``, waiting
+    up to ``timeout_ms`` for one. A message already queued on ``socket`` is seen without a
+    poll (a system call and a Poller per wait)."""
     if socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-        return True
-    return bool(zmq.zmq_poll([(socket, zmq.POLLIN)], timeout_ms))
+        return [socket]
+    items = [(socket, zmq.POLLIN), *((fd, zmq.POLLIN) for fd in fds)]
+    return [what for what, _ in zmq.zmq_poll(items, timeout_ms)]
+
+
+def _as_datagram(frames: list[Any]) -> Any | None:
+    """The one local datagram socket frames go as: their head, if it is all of them (every
+    buffer in a lane) and small enough; else None (they go through ZeroMQ)."""
+    if len(frames) != 1 or len(frames[0]) > LOCAL_DATAGRAM_BYTES:
+        return None
+    return frames[0]
+
+
+def _datagram(sock: socket.socket) -> bytes | None:
+    """The next datagram on a local socket: b"" once it is closed (or reset: the peer is
+    gone), None when nothing is waiting on a non-blocking one."""
+    try:
+        return sock.recv(LOCAL_DATAGRAM_BYTES)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 def local_sockets_available() -> bool:
