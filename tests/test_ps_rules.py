@@ -534,3 +534,47 @@ def test_worker_packs_gradients_per_dtype_run_with_zeros_for_the_absent():
     )
     assert packs["pack0"].data_ptr() == lane.ctypes.data  # built in the lane: sent as is
     assert packs["pack1"].data_ptr() == model[1].weight.grad.data_ptr()  # one piece: no copy
+
+
+def test_server_loads_worker_0s_checkpoint_and_holds_the_others_until_then():
+    server, chan = _server(3, mode="sync")
+    server.dispatch(Request(b"w1", Message("load_state", worker=1), 0))
+    assert chan.take() == []  # held until worker 0's checkpoint is in
+    state = {"state0": torch.full((2,), 0.5)}  # SGD momentum_buffer of piece 0
+    meta = {"state": [[0, "momentum_buffer"]], "hp": [{"lr": 0.25, "momentum": 0.9}]}
+    tensors = {"pack0": torch.full((2,), 3.0), **state}
+    server.dispatch(Request(b"w0", Message("load_state", worker=0, meta=meta, tensors=tensors), 0))
+    assert sorted(chan.take()) == [(b"w0", "params", 0), (b"w1", "params", 0)]
+    assert torch.equal(server.shard.values["w[0:2]"], torch.full((2,), 3.0))
+    server.dispatch(Request(b"w2", Message("load_state", worker=2), 0))  # after: at once
+    assert chan.take() == [(b"w2", "params", 0)]
+    for w in range(3):
+        _push(server, w, 0, 1.0)  # momentum 0.9 * 0.5 + grad 1 = 1.45; lr 0.25 from the hp
+    assert torch.equal(server.shard.values["w[0:2]"], torch.full((2,), 3.0 - 0.25 * 1.45))
+    assert len(chan.take()) == 3  # the round's replies
+    server.dispatch(Request(b"w0", Message("state", worker=0), 0))
+    ((_, reply),) = chan.sent
+    assert reply.meta["state"] == [[0, "momentum_buffer"]] and reply.step == 1
+    assert torch.equal(reply.tensors["state0"], torch.full((2,), 1.45))
+    chan.take()
+    server.dispatch(Request(b"w0", Message("load_state", worker=0, meta=meta, tensors=tensors), 0))
+    ((_, error),) = chan.sent  # after the first update: refused, and nothing changed
+    assert error.op == "error" and "must come before the first step" in error.meta["error"]
+    assert torch.equal(server.shard.values["w[0:2]"], torch.full((2,), 3.0 - 0.25 * 1.45))
+
+    server, chan = _server(2, mode="sync")  # a state that does not fit changes nothing
+    bad = {"pack0": torch.full((2,), 3.0), "state0": torch.ones(3)}
+    server.dispatch(Request(b"w0", Message("load_state", worker=0, meta=meta, tensors=bad), 0))
+    ((_, error),) = chan.sent
+    assert error.meta["kind"] == "shape"
+    assert "'momentum_buffer' has 3 elements, expected 2" in error.meta["error"]
+    group = server.shard.optimizer.param_groups[0]
+    assert group["lr"] == 0.5 and group["momentum"] == 0  # the spec's, not the checkpoint's
+    assert torch.equal(server.shard.values["w[0:2]"], torch.zeros(2)) and not server.loaded
+
+    server, chan = _server(2, mode="async")
+    server.dispatch(Request(b"w1", Message("load_state", worker=1), 0))
+    server.check_deadlines(time.monotonic() + 11)  # worker 0 never sends its checkpoint
+    ((peer, error),) = chan.sent
+    assert peer == b"w1" and error.meta["kind"] == "timeout"
+    assert "worker 0 did not load its checkpoint within 10s" in error.meta["error"]

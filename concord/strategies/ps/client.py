@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,6 +38,15 @@ from concord.algorithms.ps_plan import (
     pack_pieces,
     plan_shards,
     spec_from_optimizer,
+)
+from concord.algorithms.ps_state import (
+    PieceStates,
+    check_state,
+    decode_state,
+    encode_state,
+    merge_pieces,
+    piece_state,
+    state_layout,
 )
 from concord.comm.alloc import keep_freed_memory
 from concord.comm.channel import ClientChannel, lanes_wanted
@@ -128,6 +138,7 @@ class PSOptimizer(DistributedOptimizer):
         super().__init__(optimizer)
         self.strategy, self.rank, self.world = strategy, ctx.rank, ctx.world_size
         self.timeout = ctx.timeout
+        self._params, self._infos = params, infos
         by_name = dict(zip((i.name for i in infos), zip(params, infos)))
         self._slots = [[(pc, *by_name[pc.name]) for pc in shard] for shard in shards]
         self._packs = [_packs(slots) for slots in self._slots]
@@ -199,11 +210,92 @@ class PSOptimizer(DistributedOptimizer):
 
     def server_stats(self) -> list[dict[str, Any]]:
         """Each server's stats: version, staleness/lead histograms, bytes, dropped gradients."""
-        self._check_open()
         return [
-            chan.request(Message("stats", worker=self.rank), awaiting="stats").meta
-            for chan in self.channels
+            m.meta for m in self._requests(lambda s: Message("stats", worker=self.rank), "stats")
         ]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state as one torch optimizer over the whole model would save it (a
+        checkpoint loads into either): push="grad" gathers it from the servers' optimizers,
+        push="delta" is this worker's own optimizer's."""
+        if self.strategy.push == "delta":
+            return self.optimizer.state_dict()
+        replies = self._requests(lambda s: Message("state", worker=self.rank), "optimizer state")
+        parts: dict[str, list[tuple[Piece, dict[str, torch.Tensor]]]] = {}
+        try:
+            for s, reply in enumerate(replies):
+                if reply.op != "state":
+                    raise ValueError(f"server {s} answered {reply.op!r}, expected 'state'")
+                states = decode_state(reply.meta.get("state"), reply.tensors, len(self._slots[s]))
+                for i, (piece, _, _) in enumerate(self._slots[s]):
+                    parts.setdefault(piece.name, []).append((piece, states.get(i, {})))
+            merged = {i: merge_pieces(info, parts[info.name]) for i, info in enumerate(self._infos)}
+        except ValueError as exc:
+            raise ProtocolError(f"bad optimizer state from the servers: {exc}") from None
+        return {
+            "state": {i: state for i, state in merged.items() if state},
+            "param_groups": self.optimizer.state_dict()["param_groups"],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint's optimizer state; call it on every worker before the first step.
+        Its settings go into this worker's optimizer; push="grad" sends the state to the
+        servers (worker 0 does), push="delta" keeps it here. Worker 0 also sends its current
+        parameters, and every worker loads them back: all go on from worker 0's model."""
+        self._check_open()
+        before = self.optimizer.state_dict()
+        self.optimizer.load_state_dict(state_dict)  # torch's own checks, and the settings
+        self._hp_sent = None  # the next push repeats them
+        shards: list[PieceStates] = [{} for _ in self.channels]
+        if self.strategy.push == "grad":
+            try:
+                shards = self._split_state()
+            except ValueError as exc:
+                self.optimizer.load_state_dict(before)  # a bad checkpoint changes nothing
+                raise UsageError(f"cannot load this optimizer state: {exc}") from None
+            self.optimizer.state.clear()  # kept by the servers, not here
+
+        def make(s: int) -> Message:
+            if self.rank != 0:
+                return Message("load_state", worker=self.rank)
+            entries, tensors = encode_state(shards[s])
+            meta = {"state": entries, "hp": hyperparameters(self.optimizer)}
+            return Message(
+                "load_state", worker=0, meta=meta, tensors={**self._param_packs(s), **tensors}
+            )
+
+        awaiting = "the parameters after loading a checkpoint (worker 0 sends them)"
+        for s, reply in enumerate(self._requests(make, awaiting, 2 * self.timeout + 5)):
+            self._load(s, reply)
+
+    def _split_state(self) -> list[PieceStates]:
+        """The local optimizer's (just loaded) state, checked and cut into each server's."""
+        name = type(self.optimizer).__name__
+        layouts = {
+            id(p): state_layout(name, hp)
+            for group, hp in zip(self.optimizer.param_groups, hyperparameters(self.optimizer))
+            for p in group["params"]
+        }
+        for param, info in zip(self._params, self._infos):
+            state = self.optimizer.state.get(param, {})
+            check_state(f"parameter {info.name!r}", state, layouts[id(param)], info.numel)
+        shards: list[PieceStates] = []
+        for slots in self._slots:
+            shards.append({})
+            for i, (piece, param, _) in enumerate(slots):
+                state = self.optimizer.state.get(param)
+                if state:
+                    shards[-1][i] = piece_state(state, layouts[id(param)], piece)
+        return shards
+
+    def _requests(
+        self, make: Callable[[int], Message], awaiting: str, timeout: float | None = None
+    ) -> list[Message]:
+        """Send ``make(s)`` to every server ``s``, then wait for each reply."""
+        self._check_open()
+        for s, chan in enumerate(self.channels):
+            chan.send(make(s))
+        return [chan.recv(f"{awaiting} (worker {self.rank})", timeout) for chan in self.channels]
 
     def close(self) -> None:
         """Say goodbye to the servers (also done at exit); the optimizer is unusable after."""
@@ -250,12 +342,15 @@ class PSOptimizer(DistributedOptimizer):
             buffer = self._buffers[s, pack.key] = torch.empty(pack.numel, dtype=dtype)
         return torch.cat(pieces, out=buffer)
 
-    def _deltas(self, s: int) -> dict[str, torch.Tensor]:
+    def _param_packs(self, s: int) -> dict[str, torch.Tensor]:
+        """Server ``s``'s packs of this worker's current parameter values."""
         return {
             pack.key: torch.cat([_flat(p)[pc.start : pc.stop] for pc, p in members]).cpu()
-            - self._base[s, pack.key]
             for pack, members in self._packs[s]
         }
+
+    def _deltas(self, s: int) -> dict[str, torch.Tensor]:
+        return {key: value - self._base[s, key] for key, value in self._param_packs(s).items()}
 
     def _hp_meta(self) -> dict[str, Any]:
         settings = hyperparameters(self.optimizer)

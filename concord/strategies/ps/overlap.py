@@ -104,7 +104,8 @@ class OverlapPSOptimizer(PSOptimizer):
         handles = [
             params[i].register_post_accumulate_grad_hook(_grad_hook(ref, i)) for i in trainable
         ]
-        handles.append(model.register_forward_pre_hook(_forward_hook(ref)))
+        handles.append(model.register_forward_pre_hook(_await_hook(ref)))
+        handles.append(model.register_state_dict_pre_hook(_await_hook(ref)))
         self._k: int | None = None  # the most backward passes seen in one step
         self.early_pushes = 0  # shard pushes made during a backward pass
         self._replies: list[Future | None] = [None] * len(self.channels)
@@ -222,21 +223,24 @@ class OverlapPSOptimizer(PSOptimizer):
                 f"{self.rank}); is it running? Raise the limit with CONCORD_TIMEOUT"
             ) from None
 
-    def _requests(self, make: Callable[[], Message], awaiting: str) -> list[Message]:
+    def _requests(
+        self, make: Callable[[int], Message], awaiting: str, timeout: float | None = None
+    ) -> list[Message]:
+        """Send ``make(s)`` to every server ``s`` through its thread (after loading the
+        parameters still on their way), then wait for each reply."""
         self._check_open()
         self._await_params()
-        futures = [t.submit(lambda c: c.request(make(), awaiting)) for t in self._threads]
+        futures = [
+            t.submit(lambda c, s=s: c.request(make(s), awaiting, timeout))
+            for s, t in enumerate(self._threads)
+        ]
         return [self._result(s, f, awaiting) for s, f in enumerate(futures)]
 
     def synchronize(self) -> None:
         """Load the servers' latest parameters."""
-        replies = self._requests(lambda: Message("pull", worker=self.rank), "parameters (pull)")
+        replies = self._requests(lambda s: Message("pull", worker=self.rank), "parameters (pull)")
         for s, reply in enumerate(replies):
             self._load(s, reply)
-
-    def server_stats(self) -> list[dict[str, Any]]:
-        """Each server's stats (after loading the parameters still on their way)."""
-        return [m.meta for m in self._requests(lambda: Message("stats", worker=self.rank), "stats")]
 
     def close(self) -> None:
         """Load the last parameters, then say goodbye (also done at exit)."""
@@ -256,8 +260,10 @@ def _grad_hook(ref: weakref.ref, index: int) -> Callable[[torch.Tensor], None]:
     return hook
 
 
-def _forward_hook(ref: weakref.ref) -> Callable[..., None]:
-    def hook(_module: nn.Module, _args: Any) -> None:
+def _await_hook(ref: weakref.ref) -> Callable[..., None]:
+    """A forward (and state-dict) pre-hook that loads the parameters still on their way."""
+
+    def hook(*_args: Any) -> None:
         opt = ref()
         if opt is not None and opt._finalizer.alive:
             opt._await_params()

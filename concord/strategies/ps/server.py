@@ -13,9 +13,11 @@ launcher stops it after the workers exited. It never runs user code.
 Operations (all authenticated, see :mod:`concord.comm.wire`): ``register`` (worker 0 sends
 the initial pieces and the optimizer spec; others are checked against it), ``push`` (a
 gradient, or a parameter change with push="delta", as one flat tensor per pack of the shard;
-``meta["absent"]`` lists the pieces without a gradient), ``pull``, ``stats`` and ``goodbye``.
-Every ``push``/``pull``/``register`` is answered with ``params`` (step = the shard version;
-one tensor per pack).
+``meta["absent"]`` lists the pieces without a gradient), ``pull``, ``stats``, ``state`` (the
+shard's optimizer state, see :mod:`concord.algorithms.ps_state`), ``load_state`` (worker 0:
+parameters and optimizer state from a checkpoint, before the first step; other workers wait
+for it) and ``goodbye``. Every ``push``/``pull``/``register``/``load_state`` is answered with
+``params`` (step = the shard version; one tensor per pack).
 
 Log lines: ``stats: version=.. pushes=.. dropped=.. staleness={..} lead={..}`` every 30 s and
 at exit; ``lost worker N`` when a worker stops talking for the timeout; ``rejected`` for bad
@@ -37,6 +39,7 @@ from typing import Any
 import torch
 
 from concord.algorithms.ps_rules import StalenessClock, SyncAggregator
+from concord.algorithms.ps_state import decode_state, encode_state
 from concord.comm.alloc import keep_freed_memory
 from concord.comm.channel import Request, ServerChannel
 from concord.comm.discovery import bind_hosts, publish_address
@@ -71,6 +74,8 @@ class ShardServer:
         self.waiting: dict[int, bytes] = {}  # sync: workers whose gradient is in this round
         self.gated: dict[int, bytes] = {}  # async: replies held back by max_staleness
         self.pending: list[tuple[float, Request]] = []  # registrations before worker 0's
+        self.loading: list[tuple[float, Request]] = []  # state loads before worker 0's
+        self.loaded = False  # worker 0 loaded a checkpoint (opt.load_state_dict)
         self.done: set[int] = set()
         self.lost: set[int] = set()
         self.last_seen: dict[int, float] = {}
@@ -121,6 +126,8 @@ class ShardServer:
             "push": self.on_push,
             "pull": self.on_pull,
             "stats": self.on_stats,
+            "state": self.on_state,
+            "load_state": self.on_load_state,
             "goodbye": self.on_goodbye,
         }.get(req.msg.op)
         try:
@@ -307,6 +314,41 @@ class ShardServer:
     def on_stats(self, req: Request) -> None:
         self.chan.reply(req.peer, Message("stats", meta=self.stats()))
 
+    def on_state(self, req: Request) -> None:
+        """The shard's optimizer state (``opt.state_dict()``), as :func:`encode_state` puts it."""
+        self._registered(req)
+        entries, tensors = encode_state(self.shard.export_state())
+        msg = Message("state", step=self.shard.version, meta={"state": entries}, tensors=tensors)
+        self.chan.reply(req.peer, msg)
+
+    def on_load_state(self, req: Request) -> None:
+        """``opt.load_state_dict()``: worker 0 sends its parameters and the shard's optimizer
+        state; every worker (worker 0 too) is answered with the parameters once they are in."""
+        msg = self._registered(req)
+        if msg.worker != 0:
+            if self.loaded:
+                self.reply_params(req.peer)
+            else:
+                self.loading.append((time.monotonic(), replace(req, msg=replace(msg, tensors={}))))
+            return
+        early = list(self.sync.contributors) if self.sync is not None else []
+        if self.shard.version or early:
+            done = f"gradients of workers {early}" if early else f"{self.shard.version} updates"
+            raise WireError(
+                "request",
+                f"load_state_dict must come before the first step, but server {self.rank} has "
+                f"{done} already; call it on every worker before training",
+            )
+        packs = {k: t for k, t in msg.tensors.items() if k in self.shard.flats}
+        self.shard.check_packs(packs, "parameter")
+        states = decode_state(msg.meta.get("state"), msg.tensors, len(self.shard.metas))
+        self._wait_trackers()  # replies may still be read from the live tensors
+        self.shard.load_checkpoint(packs, states, msg.meta.get("hp"))
+        self.loaded = True
+        log.info("server %d: loaded the optimizer state and parameters of worker 0", self.rank)
+        waiting, self.loading = self.loading, []
+        self.reply_params([req.peer, *(r.peer for _, r in waiting)])
+
     def on_goodbye(self, req: Request) -> None:
         worker = req.msg.worker
         self.done.add(worker)
@@ -328,17 +370,18 @@ class ShardServer:
 
     # -- deadlines --------------------------------------------------------------------------
     def check_deadlines(self, now: float) -> None:
-        for since, req in list(self.pending):
-            if now - since > self.timeout:
-                self.pending.remove((since, req))
-                self.chan.reply(
-                    req.peer,
-                    error_message(
-                        "timeout",
-                        f"server {self.rank}: worker 0 did not register within "
-                        f"{self.timeout:g}s, so worker {req.msg.worker} cannot start",
-                    ),
-                )
+        for waiting, what in ((self.pending, "register"), (self.loading, "load its checkpoint")):
+            for since, req in list(waiting):
+                if now - since > self.timeout:
+                    waiting.remove((since, req))
+                    self.chan.reply(
+                        req.peer,
+                        error_message(
+                            "timeout",
+                            f"server {self.rank}: worker 0 did not {what} within "
+                            f"{self.timeout:g}s, so worker {req.msg.worker} cannot start",
+                        ),
+                    )
         if self.sync is not None and self.round_started is not None:
             if now - self.round_started > self.timeout:
                 self._round_timeout()

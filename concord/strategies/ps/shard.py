@@ -17,7 +17,15 @@ from typing import Any
 
 import torch
 
-from concord.algorithms.ps_plan import OptimizerSpec, Pack, Piece, pack_pieces, plain_settings
+from concord.algorithms.ps_plan import (
+    OptimizerSpec,
+    Pack,
+    Piece,
+    hyperparameters,
+    pack_pieces,
+    plain_settings,
+)
+from concord.algorithms.ps_state import PieceStates, check_state, fresh_state, state_layout
 from concord.comm.wire import DTYPES, WireError
 
 _META_KEYS = {"name", "shape", "dtype", "group", "start", "stop"}
@@ -229,6 +237,70 @@ class Shard:
         for index, group in self._groups.items():
             if index < len(spec.groups):
                 group.update(plain_settings(spec.groups[index]))
+
+    def export_state(self) -> PieceStates:
+        """Each piece's optimizer state (copies) by its index in registration order."""
+        if self.optimizer is None:
+            return {}
+        out = {}
+        for i, meta in enumerate(self.metas):
+            state = self.optimizer.state.get(self.values[_key(meta)], {})
+            tensors = {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
+            if tensors:
+                out[i] = tensors
+        return out
+
+    def import_state(self, states: PieceStates) -> None:
+        """Replace the optimizer's state with ``states`` (piece index -> state; a piece left
+        out starts fresh). Everything is checked before anything changes."""
+        if self.optimizer is None:
+            if states:
+                raise WireError("request", "push='delta' keeps the optimizer state on the workers")
+            return
+        name = type(self.optimizer).__name__
+        settings = {
+            id(p): hp
+            for group, hp in zip(self.optimizer.param_groups, hyperparameters(self.optimizer))
+            for p in group["params"]
+        }
+        new = {}
+        for i, meta in enumerate(self.metas):
+            value = self.values[_key(meta)]
+            hp = settings[id(value)]
+            state = states.get(i, {})
+            layout = state_layout(name, hp)
+            try:
+                check_state(f"server {self.rank} piece {_key(meta)}", state, layout, value.numel())
+            except ValueError as exc:
+                raise WireError("shape", str(exc)) from None
+            if not state:
+                new[value] = fresh_state(name, hp, value)
+                continue
+            new[value] = {
+                k: v.to(value.dtype).reshape(-1).clone()
+                if layout[k]
+                else v.to(torch.float32).reshape(()).clone()
+                for k, v in state.items()
+            }
+        self.optimizer.state.clear()
+        self.optimizer.state.update(new)
+
+    def load_checkpoint(
+        self, packs: Mapping[str, torch.Tensor], states: PieceStates, settings: Any
+    ) -> None:
+        """Take a checkpoint: optimizer ``settings`` (as a push's ``hp``), the pieces' state
+        (:meth:`import_state`) and new values for every pack (checked by
+        :meth:`check_packs`). A state that does not fit changes nothing."""
+        groups = [dict(g) for g in self.optimizer.param_groups] if self.optimizer else []
+        self.set_hyperparameters(settings)  # (the state's layout depends on them)
+        try:
+            self.import_state(states)
+        except WireError:
+            for group, before in zip(self.optimizer.param_groups, groups):  # type: ignore[union-attr]
+                group.update(before)
+            raise
+        for key, value in packs.items():
+            self.flats[key].copy_(value)
 
     def snapshot(self, copy: bool) -> dict[str, torch.Tensor]:
         """The current packs (copies when they may change while a reply is in flight)."""
