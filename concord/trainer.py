@@ -1,13 +1,16 @@
 """``Trainer``: fit/evaluate with a progress bar, metrics and checkpoints.
 
 Built only on the user surface (``distribute()``'s model and optimizer), so it works with
-every strategy. Rank 0 shows progress, prints a summary per epoch and writes the files.
+every strategy. Rank 0 shows progress, prints a summary per epoch and writes the files. With
+a run directory, every epoch ends with ``checkpoint.pt`` (model, optimizer state, epochs
+done; one per pipeline stage), which :meth:`Trainer.resume` loads on every worker.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -73,9 +76,12 @@ class Trainer:
         self.optimizer.step()
         return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
-    def fit(self, train: Iterable, epochs: int, test: Iterable | None = None) -> list[EpochMetrics]:
-        """Train for ``epochs``; evaluate on ``test`` after each epoch."""
-        for epoch in range(epochs):
+    def fit(
+        self, train: Iterable, epochs: int, test: Iterable | None = None, start_epoch: int = 0
+    ) -> list[EpochMetrics]:
+        """Train until ``epochs`` epochs are done (from ``start_epoch``, e.g. what
+        :meth:`resume` returned); evaluate on ``test`` and write a checkpoint after each."""
+        for epoch in range(start_epoch, epochs):
             _set_epoch(train, epoch)
             self.model.train()
             steps = self.steps_per_epoch(train)
@@ -102,6 +108,7 @@ class Trainer:
                 seconds=seconds,
             )
             self._record(metrics)
+            self.save_checkpoint(epoch + 1)
         return self.history
 
     def steps_per_epoch(self, train: Iterable) -> int | None:
@@ -153,6 +160,40 @@ class Trainer:
 
     def save(self, name: str = "model.pt") -> Path | None:
         """Write the model's state dict to the run directory (rank 0 of each stage)."""
+        path = self._writer_path(name)
+        if path is not None:
+            _save(self._module().state_dict(), path)
+        return path
+
+    def save_checkpoint(self, epochs_done: int, name: str = "checkpoint.pt") -> Path | None:
+        """Write the model, the optimizer state (a parameter server's comes from its servers)
+        and ``epochs_done`` to the run directory (rank 0 of each stage), for :meth:`resume`."""
+        path = self._writer_path(name)
+        if path is not None:
+            state = {"model": self._module().state_dict(), "optimizer": self.optimizer.state_dict()}
+            _save({"epochs_done": epochs_done, **state}, path)
+        return path
+
+    def resume(self, path: str | Path) -> int:
+        """Load a checkpoint of :meth:`save_checkpoint` (every worker, before training; the
+        file must be visible to all, e.g. a shared folder) and return the epochs it had done,
+        for ``fit(..., start_epoch=...)``. Pipeline stages read their stage's file."""
+        path = Path(path)
+        stage = getattr(self.model, "stage_index", None)
+        if stage is not None:
+            path = path.with_name(path.name.replace(".pt", f"-stage{stage}.pt"))
+        if not path.is_file():
+            raise FileNotFoundError(f"worker {self.ctx.rank}: no checkpoint at {path}")
+        state = torch.load(path, weights_only=True)  # tensors and plain values, no code
+        self._module().load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return int(state["epochs_done"])
+
+    def _module(self) -> nn.Module:
+        return getattr(self.model, "module", self.model)
+
+    def _writer_path(self, name: str) -> Path | None:
+        """Where this worker writes ``name``, or None if another one does."""
         if self.out_dir is None or self.shard.rank != 0:
             return None
         stage = getattr(self.model, "stage_index", None)
@@ -161,9 +202,14 @@ class Trainer:
         if stage is not None:
             name = name.replace(".pt", f"-stage{stage}.pt")
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        module = getattr(self.model, "module", self.model)
-        torch.save(module.state_dict(), self.out_dir / name)
         return self.out_dir / name
+
+
+def _save(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file, so a crash never leaves half a file."""
+    partial = path.with_name(path.name + ".partial")
+    torch.save(obj, partial)
+    os.replace(partial, path)
 
 
 def _set_epoch(loader: Any, epoch: int) -> None:

@@ -51,6 +51,7 @@ def test_train_two_workers_one_epoch(tmp_path):
         (["train", "--workers", "0"], "--workers must be >= 1"),
         (["train", "--strategy", "pipeline", "--stages", "2", "--workers", "3"], "stages(2)"),
         (["train", "--strategy", "ps-sync", "--servers", "0"], "needs --servers >= 1"),
+        (["train", "--resume", "/no/such/checkpoint.pt"], "no such checkpoint"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):

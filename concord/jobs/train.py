@@ -38,6 +38,7 @@ WORKER_OPTIONS = (
     "schedule",
     "replicas",
     "split",
+    "resume",
 )
 
 
@@ -67,6 +68,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--replicas", type=int, default=1, help="pipeline data-parallel replicas D")
     add("--split", default="params", help="pipeline split: params | time | i,j,...")
     add("--out", default=None, help="run directory (default runs/<time>-<strategy>)")
+    add("--resume", default=None, help="a run's checkpoint.pt: go on after its last epoch")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -105,6 +107,12 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if args.strategy.startswith("ps-") and args.servers < 1:
         raise UsageError(f"--strategy {args.strategy} needs --servers >= 1, got {args.servers}")
+    if args.resume is not None:
+        resume = Path(args.resume).resolve()
+        stage0 = resume.with_name(resume.name.replace(".pt", "-stage0.pt"))  # (pipeline)
+        if not resume.is_file() and not stage0.is_file():
+            raise UsageError(f"--resume {args.resume}: no such checkpoint")
+        args.resume = str(resume)
     hub_file()  # a missing dataset is a clear error before anything starts
 
 
@@ -150,7 +158,7 @@ def report(out: Path, min_accuracy: float | None) -> int:
         return 1
     plot_metrics(history, out / "metrics.png")
     accuracy = history[-1]["test_accuracy"]
-    print(f"run directory: {out} (metrics.jsonl, metrics.png, model)")
+    print(f"run directory: {out} (metrics.jsonl, metrics.png, model, checkpoint)")
     print(f"test_accuracy={accuracy:.4f}", flush=True)
     if min_accuracy is not None and accuracy < min_accuracy:
         print(f"concord: test accuracy {accuracy:.4f} is below --min-accuracy {min_accuracy}")

@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> None:
     )
     test = loader(mnist("test"), 1000, rank=shard.rank, world=shard.world, shuffle=False)
     trainer = Trainer(model, opt, nn.functional.cross_entropy, ctx, shard, out_dir=args.out)
-    trainer.fit(train, args.epochs, test)
+    start = trainer.resume(args.resume) if args.resume else 0
+    trainer.fit(train, args.epochs, test, start_epoch=start)
     trainer.save()
 
 
