@@ -179,9 +179,7 @@ class Trainer:
         file must be visible to all, e.g. a shared folder) and return the epochs it had done,
         for ``fit(..., start_epoch=...)``. Pipeline stages read their stage's file."""
         path = Path(path)
-        stage = getattr(self.model, "stage_index", None)
-        if stage is not None:
-            path = path.with_name(path.name.replace(".pt", f"-stage{stage}.pt"))
+        path = path.with_name(self._staged(path.name))
         if not path.is_file():
             raise FileNotFoundError(f"worker {self.ctx.rank}: no checkpoint at {path}")
         state = torch.load(path, weights_only=True)  # tensors and plain values, no code
@@ -199,10 +197,13 @@ class Trainer:
         stage = getattr(self.model, "stage_index", None)
         if stage is None and not self.ctx.is_main:
             return None
-        if stage is not None:
-            name = name.replace(".pt", f"-stage{stage}.pt")
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        return self.out_dir / name
+        return self.out_dir / self._staged(name)
+
+    def _staged(self, name: str) -> str:
+        """``name`` for this worker's pipeline stage (``checkpoint-stage1.pt``), else as is."""
+        stage = getattr(self.model, "stage_index", None)
+        return name if stage is None else name.replace(".pt", f"-stage{stage}.pt")
 
 
 def _save(obj: Any, path: Path) -> None:
