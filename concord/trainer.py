@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from concord.comm.runtime import Context
+from concord.errors import ConcordError
 from concord.progress import progress
 from concord.strategies.base import DataShard
 
@@ -175,17 +176,50 @@ class Trainer:
         return path
 
     def resume(self, path: str | Path) -> int:
-        """Load a checkpoint of :meth:`save_checkpoint` (every worker, before training; the
-        file must be visible to all, e.g. a shared folder) and return the epochs it had done,
-        for ``fit(..., start_epoch=...)``. Pipeline stages read their stage's file."""
+        """Load a checkpoint of :meth:`save_checkpoint` and return the epochs it had done, for
+        ``fit(..., start_epoch=...)``. Every worker calls it before training (the file must be
+        visible to all, e.g. a shared folder); pipeline stages read their stage's file, and
+        files that disagree on the epochs done (a stage died between two writes) are refused."""
         path = Path(path)
         path = path.with_name(self._staged(path.name))
         if not path.is_file():
             raise FileNotFoundError(f"worker {self.ctx.rank}: no checkpoint at {path}")
         state = torch.load(path, weights_only=True)  # tensors and plain values, no code
+        done = int(state["epochs_done"])
+        low, high = self._range(done)
+        if low != high:
+            raise ConcordError(
+                f"worker {self.ctx.rank}: the checkpoints the workers read were written after "
+                f"{low} to {high} epochs ({path} after {done}); resume from one set"
+            )
         self._module().load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        return int(state["epochs_done"])
+        return done
+
+    def resume_latest(self) -> int:
+        """After a restart (``concord run --max-restarts``: ``CONCORD_ATTEMPT`` > 0), resume
+        from this run directory's ``checkpoint.pt`` if the first attempts wrote one; return
+        the epochs done (0 on the first attempt or with no checkpoint). Every worker calls it."""
+        if self.out_dir is None or self.ctx.attempt == 0:
+            return 0
+        path = self.out_dir / "checkpoint.pt"
+        found = int(path.with_name(self._staged(path.name)).is_file())
+        low, high = self._range(found)
+        if not high:
+            return 0
+        if not low:
+            raise ConcordError(
+                f"worker {self.ctx.rank}: some workers cannot see {path} (a shared folder?)"
+            )
+        return self.resume(path)
+
+    def _range(self, value: int) -> tuple[int, int]:
+        """The least and the greatest ``value`` over all workers (a collective)."""
+        if not dist.is_initialized() or self.ctx.world_size == 1:
+            return value, value
+        both = torch.tensor([-value, value], dtype=torch.int64)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        return -int(both[0]), int(both[1])
 
     def _module(self) -> nn.Module:
         return getattr(self.model, "module", self.model)

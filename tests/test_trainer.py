@@ -3,6 +3,9 @@ a run resumed from a checkpoint ends where an uninterrupted one does."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 from multiproc import run_workers
@@ -115,3 +118,89 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(strategy, tmp_path):
         saved = [torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)]
         assert len(saved[0]["optimizer"]["state"]) == 4  # Adam's, for all 4 parameters
     assert all(s["epochs_done"] == 2 for s in saved)
+
+
+RESTARTED = """
+import os, sys, torch, concord
+from torch.utils.data import TensorDataset
+
+ctx = concord.init(timeout=30)
+torch.manual_seed(0 if ctx.attempt == 0 else 9)  # a restart must not depend on its own init
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+opt = torch.optim.Adam(model.parameters(), lr=0.01)
+model, opt = concord.distribute(model, opt, concord.ParameterServer(mode="sync"))
+gen = torch.Generator().manual_seed(1)
+data = TensorDataset(torch.randn(256, 4, generator=gen), torch.randint(0, 2, (256,), generator=gen))
+train = concord.data.loader(data, 32, seed=3)
+out = sys.argv[1]
+trainer = concord.Trainer(model, opt, torch.nn.functional.cross_entropy, ctx, out_dir=out)
+start = trainer.resume_latest()
+print(f"attempt={ctx.attempt} rank={ctx.rank} start={start}", flush=True)
+trainer.fit(train, epochs=2, start_epoch=start)
+if os.environ.get("CRASH") == "1" and ctx.attempt == 0 and ctx.rank == 1:
+    os._exit(3)  # after epoch 2's checkpoint
+trainer.fit(train, epochs=3, start_epoch=max(start, 2))
+opt.synchronize()
+if ctx.rank == 0:
+    torch.save([p.detach().clone() for p in model.parameters()], f"{out}/final.pt")
+opt.close()
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_restarted_job_goes_on_from_its_last_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "restarted.py"
+    script.write_text(RESTARTED)
+
+    def run(out: str, crash: str) -> subprocess.CompletedProcess:
+        argv = ["run", "-n", "2", "--servers", "1", "--max-restarts", "1", str(script), out]
+        return subprocess.run(
+            [sys.executable, "-m", "concord.cli", *argv],
+            capture_output=True,
+            text=True,
+            timeout=150,
+            env=os.environ | {"CRASH": crash},
+        )
+
+    crashed = run(str(tmp_path / "a"), "1")
+    assert crashed.returncode == 0, crashed.stderr[-3000:]
+    assert (
+        "worker 1 exited with code 3" in crashed.stderr and "restarting (1 of 1)" in crashed.stderr
+    )
+    assert "[worker 1] attempt=1 rank=1 start=2" in crashed.stdout.splitlines()
+    straight = run(str(tmp_path / "b"), "0")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "[worker 0] attempt=0 rank=0 start=0" in straight.stdout.splitlines()
+    got = torch.load(tmp_path / "a" / "final.pt", weights_only=True)
+    want = torch.load(tmp_path / "b" / "final.pt", weights_only=True)
+    for a, b in zip(got, want):  # 1e-5 as in the equivalence tests
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "a" / "metrics.jsonl").open()]
+    assert epochs == [1, 2, 3]  # the restart redid nothing
+
+
+def _resume_mismatched(folder: str) -> str:
+    import concord
+    from concord.errors import ConcordError
+
+    ctx = concord.init(timeout=30)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = concord.distribute(model, opt, concord.AllReduce())
+    trainer = concord.Trainer(model, opt, torch.nn.functional.cross_entropy, ctx)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    torch.save({"epochs_done": 1 + ctx.rank, **state}, f"{folder}/ck{ctx.rank}.pt")
+    try:
+        trainer.resume(f"{folder}/ck{ctx.rank}.pt")
+    except ConcordError as exc:
+        return str(exc)
+    return ""
+
+
+@pytest.mark.timeout(120)
+def test_checkpoints_that_disagree_on_the_epochs_done_are_refused(tmp_path):
+    errors = run_workers(_resume_mismatched, 2, args=(str(tmp_path),), timeout=100)
+    assert all("written after 1 to 2 epochs" in e for e in errors), errors

@@ -78,6 +78,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds any wait may last")
     parser.add_argument("--master-port", type=int, default=0)
     parser.add_argument("--min-accuracy", type=float, default=None, help="fail below this")
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="restart every process after a failure up to this many times; each restart "
+        "goes on from the run directory's last checkpoint",
+    )
     add_train_arguments(parser)
     parser.set_defaults(func=main)
 
@@ -142,6 +149,7 @@ def main(args: argparse.Namespace) -> int:
         data_server="mnist" if args.data == "central" else None,
         master_port=args.master_port,
         timeout=args.timeout,
+        max_restarts=args.max_restarts,
     )
     code = launch(config)
     if code != 0:

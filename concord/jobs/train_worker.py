@@ -69,7 +69,9 @@ def run(args: argparse.Namespace) -> None:
     )
     test = loader(mnist("test"), 1000, rank=shard.rank, world=shard.world, shuffle=False)
     trainer = Trainer(model, opt, nn.functional.cross_entropy, ctx, shard, out_dir=args.out)
-    start = trainer.resume(args.resume) if args.resume else 0
+    start = trainer.resume_latest()  # a restart (--max-restarts) goes on from its checkpoint
+    if args.resume and not start:
+        start = trainer.resume(args.resume)
     trainer.fit(train, args.epochs, test, start_epoch=start)
     trainer.save()
 
