@@ -108,8 +108,9 @@ class Trainer:
                 samples_per_s=samples * self.shard.world / seconds,
                 seconds=seconds,
             )
-            self._record(metrics)
-            self.save_checkpoint(epoch + 1)
+            self.history.append(metrics)
+            self.save_checkpoint(epoch + 1)  # (before the metrics line: see resume)
+            self._report(metrics)
         return self.history
 
     def steps_per_epoch(self, train: Iterable) -> int | None:
@@ -144,8 +145,8 @@ class Trainer:
         correct, loss_sum, n = stats.tolist()
         return Evaluation(accuracy=correct / max(n, 1), loss=loss_sum / max(n, 1), samples=int(n))
 
-    def _record(self, metrics: EpochMetrics) -> None:
-        self.history.append(metrics)
+    def _report(self, metrics: EpochMetrics) -> None:
+        """Print an epoch's summary and append it to ``metrics.jsonl`` (rank 0)."""
         if not self.ctx.is_main:
             return
         acc = "n/a" if metrics.test_accuracy is None else f"{metrics.test_accuracy:.4f}"
@@ -167,19 +168,22 @@ class Trainer:
         return path
 
     def save_checkpoint(self, epochs_done: int, name: str = "checkpoint.pt") -> Path | None:
-        """Write the model, the optimizer state (a parameter server's comes from its servers)
-        and ``epochs_done`` to the run directory (rank 0 of each stage), for :meth:`resume`."""
+        """Write the model, the optimizer state (a parameter server's comes from its servers),
+        ``epochs_done`` and the metrics history to the run directory (rank 0 of each stage),
+        for :meth:`resume`."""
         path = self._writer_path(name)
         if path is not None:
             state = {"model": self._module().state_dict(), "optimizer": self.optimizer.state_dict()}
-            _save({"epochs_done": epochs_done, **state}, path)
+            history = [asdict(m) for m in self.history]
+            _save({"epochs_done": epochs_done, "history": history, **state}, path)
         return path
 
     def resume(self, path: str | Path) -> int:
         """Load a checkpoint of :meth:`save_checkpoint` and return the epochs it had done, for
         ``fit(..., start_epoch=...)``. Every worker calls it before training (the file must be
         visible to all, e.g. a shared folder); pipeline stages read their stage's file, and
-        files that disagree on the epochs done (a stage died between two writes) are refused."""
+        files that disagree on the epochs done (a stage died between two writes) are refused.
+        The history comes back too, and rank 0 rewrites ``metrics.jsonl`` from it."""
         path = Path(path)
         path = path.with_name(self._staged(path.name))
         if not path.is_file():
@@ -194,6 +198,11 @@ class Trainer:
             )
         self._module().load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.history = [EpochMetrics(**h) for h in state.get("history", [])]
+        if self.ctx.is_main and self.out_dir:  # exactly the epochs the checkpoint had done,
+            self.out_dir.mkdir(parents=True, exist_ok=True)  # none twice, none lost
+            lines = "".join(json.dumps(asdict(m)) + "\n" for m in self.history)
+            (self.out_dir / "metrics.jsonl").write_text(lines)
         return done
 
     def resume_latest(self) -> int:

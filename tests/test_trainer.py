@@ -85,7 +85,7 @@ def _fit_and_resume(strategy: str, out: str, resume: str | None) -> list:
     else:
         assert trainer.resume(resume) == 1
         trainer.fit(train, epochs=2, start_epoch=1)
-        assert [h.epoch for h in trainer.history] == [2]
+        assert [h.epoch for h in trainer.history] == [1, 2]  # epoch 1's from the checkpoint
     if hasattr(opt, "synchronize"):
         opt.synchronize()
     params = [p.detach().clone() for p in model.parameters()]
@@ -118,6 +118,8 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(strategy, tmp_path):
         saved = [torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)]
         assert len(saved[0]["optimizer"]["state"]) == 4  # Adam's, for all 4 parameters
     assert all(s["epochs_done"] == 2 for s in saved)
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]  # epoch 1 from the file
 
 
 RESTARTED = """
