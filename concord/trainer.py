@@ -207,7 +207,7 @@ class Trainer:
 
     def resume_latest(self) -> int:
         """After a restart (``concord run --max-restarts``: ``CONCORD_ATTEMPT`` > 0), resume
-        from this run directory's ``checkpoint.pt`` if the first attempts wrote one; return
+        from this run directory's ``checkpoint.pt`` if an earlier attempt wrote one; return
         the epochs done (0 on the first attempt or with no checkpoint). Every worker calls it."""
         if self.out_dir is None or self.ctx.attempt == 0:
             return 0
