@@ -178,6 +178,9 @@ def _resume_worker(opt_name: str, kwargs: dict, checkpoint: dict | None):
         # (overlap=True: model.state_dict() waits for the parameters still on their way)
         result = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
         result["optimizer"] = opt.state_dict()
+        fc1 = opt.state[model.fc1.weight]  # the torch surface, from the servers
+        assert torch.equal(fc1[next(iter(fc1))], result["optimizer"]["state"][1][next(iter(fc1))])
+        assert not opt.state[model.scale]  # frozen: no state, as in torch
     else:
         if ctx.rank == 0:  # the servers take worker 0's parameters at load_state_dict
             model.load_state_dict(checkpoint["model"])

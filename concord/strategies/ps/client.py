@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -213,6 +214,15 @@ class PSOptimizer(DistributedOptimizer):
         return [
             m.meta for m in self._requests(lambda s: Message("stats", worker=self.rank), "stats")
         ]
+
+    @property
+    def state(self) -> Any:
+        """push="grad": the servers' optimizer state by parameter, as ``torch.optim`` keys it
+        (a snapshot fetched on each access: changing it changes nothing on the servers)."""
+        if self.strategy.push == "delta":
+            return self.optimizer.state
+        states = self.state_dict()["state"]
+        return defaultdict(dict, {self._params[i]: state for i, state in states.items()})
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state as one torch optimizer over the whole model would save it (a
