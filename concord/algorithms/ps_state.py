@@ -23,7 +23,13 @@ from typing import Any
 
 import torch
 
-from concord.algorithms.ps_plan import OPTIMIZERS, ParamInfo, Piece, plain_settings
+from concord.algorithms.ps_plan import (
+    OPTIMIZERS,
+    ParamInfo,
+    Piece,
+    hyperparameters,
+    plain_settings,
+)
 
 #: state name -> 0 (one value per parameter, e.g. ``step``) or 1 (one per element)
 StateLayout = dict[str, int]
@@ -33,6 +39,13 @@ PieceStates = dict[int, dict[str, torch.Tensor]]  # piece index -> its state
 def state_layout(name: str, settings: Mapping[str, Any]) -> StateLayout:
     """The state a ``name`` optimizer with ``settings`` keeps per parameter after a step."""
     return dict(_layout(name, json.dumps(dict(settings), sort_keys=True)))
+
+
+def settings_by_param(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
+    """Each parameter's (by ``id``) allow-listed group settings: what its state layout and
+    fresh state depend on."""
+    groups = zip(optimizer.param_groups, hyperparameters(optimizer))
+    return {id(p): hp for group, hp in groups for p in group["params"]}
 
 
 @functools.lru_cache(maxsize=64)

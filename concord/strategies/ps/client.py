@@ -47,6 +47,7 @@ from concord.algorithms.ps_state import (
     encode_state,
     merge_pieces,
     piece_state,
+    settings_by_param,
     state_layout,
 )
 from concord.comm.alloc import keep_freed_memory
@@ -281,11 +282,8 @@ class PSOptimizer(DistributedOptimizer):
     def _split_state(self) -> list[PieceStates]:
         """The local optimizer's (just loaded) state, checked and cut into each server's."""
         name = type(self.optimizer).__name__
-        layouts = {
-            id(p): state_layout(name, hp)
-            for group, hp in zip(self.optimizer.param_groups, hyperparameters(self.optimizer))
-            for p in group["params"]
-        }
+        settings = settings_by_param(self.optimizer).items()
+        layouts = {key: state_layout(name, hp) for key, hp in settings}
         for param, info in zip(self._params, self._infos):
             state = self.optimizer.state.get(param, {})
             check_state(f"parameter {info.name!r}", state, layouts[id(param)], info.numel)

@@ -17,15 +17,14 @@ from typing import Any
 
 import torch
 
-from concord.algorithms.ps_plan import (
-    OptimizerSpec,
-    Pack,
-    Piece,
-    hyperparameters,
-    pack_pieces,
-    plain_settings,
+from concord.algorithms.ps_plan import OptimizerSpec, Pack, Piece, pack_pieces, plain_settings
+from concord.algorithms.ps_state import (
+    PieceStates,
+    check_state,
+    fresh_state,
+    settings_by_param,
+    state_layout,
 )
-from concord.algorithms.ps_state import PieceStates, check_state, fresh_state, state_layout
 from concord.comm.wire import DTYPES, WireError
 
 _META_KEYS = {"name", "shape", "dtype", "group", "start", "stop"}
@@ -258,11 +257,7 @@ class Shard:
                 raise WireError("request", "push='delta' keeps the optimizer state on the workers")
             return
         name = type(self.optimizer).__name__
-        settings = {
-            id(p): hp
-            for group, hp in zip(self.optimizer.param_groups, hyperparameters(self.optimizer))
-            for p in group["params"]
-        }
+        settings = settings_by_param(self.optimizer)
         new = {}
         for i, meta in enumerate(self.metas):
             value = self.values[_key(meta)]
