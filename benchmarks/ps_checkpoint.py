@@ -3,9 +3,11 @@ from the servers, against copying the same state out of one local torch optimize
 DDP or single-process job pays for a checkpoint it can keep while training goes on).
 
 The MNIST MLP (784-512-256-128-10) with Adam, 4 workers, 2 servers, after 3 sync steps;
-worker 0 times both (medians of ``--reps``) and ``torch.save`` of the result to memory.
+worker 0 times both (medians of ``--reps``) and ``torch.save`` of the result to memory. The
+script launches the job itself (``concord run -n 4 --servers 2 ... --worker``).
 
-    flock /tmp/concord-bench.lock concord run -n 4 --servers 2 benchmarks/ps_checkpoint.py
+    flock /tmp/concord-bench.lock python benchmarks/ps_checkpoint.py
+    concord bench ps_checkpoint                                       # the same
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import argparse
 import copy
 import io
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -34,7 +38,11 @@ def _median_ms(fn, reps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--worker", action="store_true", help="(internal) one process of the job")
     args = parser.parse_args()
+    if not args.worker:
+        job = ["run", "-n", "4", "--servers", "2", __file__, "--worker", "--reps", str(args.reps)]
+        sys.exit(subprocess.run([sys.executable, "-m", "concord.cli", *job]).returncode)
     torch.set_num_threads(1)
     ctx = concord.init()
     torch.manual_seed(0)
