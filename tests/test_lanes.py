@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -364,24 +365,24 @@ def test_messages_in_lanes_travel_as_local_datagrams_and_the_rest_through_zmq():
         assert client.open_lanes(capacity=3 << 20) is True and client._local is not None
         t = torch.randn(1 << 18)  # 1 MB: in the lanes, so the message is its head alone
         assert torch.equal(client.request(Message("push", tensors={"t": t})).tensors["t"], 2 * t)
-        assert server.local_messages == [1, 1]
+        assert loop.after(1).local_messages == [1, 1]
         small = torch.randn(100)  # small buffers go into the lanes too when that makes a datagram
         reply = client.request(Message("push", tensors={"t": small}))
-        assert torch.equal(reply.tensors["t"], 2 * small) and server.local_messages == [2, 2]
+        assert torch.equal(reply.tensors["t"], 2 * small) and loop.after(2).local_messages == [2, 2]
         assert client._lanes[0].moved == (1 << 20) + 400
         reply = client.request(Message("push", meta={"note": "x" * (70 << 10)}))  # head > 60 KiB
-        assert reply.op == "echo" and server.local_messages == [2, 3]  # (its reply is small)
+        assert reply.op == "echo" and loop.after(3).local_messages == [2, 3]  # (a small reply)
         client.part_bytes = server.part_bytes = 1 << 20  # two parts each way: all through zmq
         t2 = torch.randn(1 << 19)
         reply = client.request(Message("push", tensors={"a": t2[: 1 << 18], "b": t2[1 << 18 :]}))
         assert torch.equal(torch.cat([reply.tensors["a"], reply.tensors["b"]]), 2 * t2)
-        assert server.local_messages == [2, 3]
+        assert loop.after(4).local_messages == [2, 3]
         assert client._lanes[0].moved == (3 << 20) + 400  # its large frames still used the lanes
         loop.stop()  # (the server's state belongs to its thread)
         server._drop_local(next(iter(server._peer_conn.values())).fileno())  # closed:
         loop = _Loop(server)
         assert torch.equal(client.request(Message("push", tensors={"t": t})).tensors["t"], 2 * t)
-        assert client._local is None and server.local_messages == [2, 3]  # zmq carries on
+        assert client._local is None and loop.after(1).local_messages == [2, 3]  # zmq goes on
     finally:
         loop.stop()
         client.close()
@@ -410,7 +411,7 @@ def test_a_local_connection_without_a_valid_hello_is_dropped(secret, kind):
         assert dict(server.rejected) == {kind: 1}
         t = torch.randn(1 << 18)  # the real client is still served through its socket
         assert torch.equal(client.request(Message("push", tensors={"t": t})).tensors["t"], 2 * t)
-        assert server.local_messages == [1, 1]
+        assert loop.after(1).local_messages == [1, 1]
     finally:
         stranger.close()
         loop.stop()
@@ -426,6 +427,7 @@ class _Loop:
         import threading
 
         self.server, self.running, self.seen = server, True, seen
+        self.served = 0  # replies sent so far (the server's counters are final for them)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -440,6 +442,16 @@ class _Loop:
                         self.seen.append((inside, v.clone()))
                 doubled = {k: 2 * v for k, v in req.msg.tensors.items()}
                 self.server.reply(req.peer, Message("echo", tensors=doubled))
+                self.served += 1
+
+    def after(self, replies: int) -> ServerChannel:
+        """The server, once its thread has finished sending ``replies`` replies (a client may
+        get a reply before the server thread counts it)."""
+        deadline = time.monotonic() + 5
+        while self.served < replies:
+            assert time.monotonic() < deadline, f"the server sent {self.served} of {replies}"
+            time.sleep(0.001)
+        return self.server
 
     def stop(self) -> None:
         self.running = False
