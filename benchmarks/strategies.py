@@ -123,7 +123,8 @@ def run_job(
         cmd += ["--servers", str(servers)]
     cmd += [__file__, "--worker", "--strategy", strategy, "--steps", str(args.steps)]
     cmd += ["--warmup", str(args.warmup), "--batch", str(args.batch)]
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = os.environ | {"PYTHONPATH": path}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     results = [
         json.loads(line.split(MARK, 1)[1]) for line in proc.stdout.splitlines() if MARK in line

@@ -67,7 +67,9 @@ class Trainer:
         self.history: list[EpochMetrics] = []
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One optimizer step on one batch; returns this worker's loss."""
+        """One optimizer step on one batch (moved to the model's device); returns this
+        worker's loss."""
+        x, y = self._to_device(x, y)
         self.optimizer.zero_grad()
         if hasattr(self.model, "train_batch"):  # pipeline stages run their own schedule
             loss = self.model.train_batch(x, y, self.loss_fn)
@@ -134,6 +136,7 @@ class Trainer:
         self.model.eval()
         stats = torch.zeros(3, dtype=torch.float64)  # correct, loss sum, samples
         for x, y in test:
+            x, y = self._to_device(x, y)
             out = self.model(x)
             stats += torch.tensor(
                 [(out.argmax(1) == y).sum().item(), float(self.loss_fn(out, y)) * len(y), len(y)],
@@ -232,6 +235,13 @@ class Trainer:
 
     def _module(self) -> nn.Module:
         return getattr(self.model, "module", self.model)
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` and ``y`` on the device of the model's parameters (loaders yield CPU ones)."""
+        first = next(self._module().parameters(), None)
+        if first is None or first.device.type == "cpu":
+            return x, y
+        return x.to(first.device, non_blocking=True), y.to(first.device, non_blocking=True)
 
     def _writer_path(self, name: str) -> Path | None:
         """Where this worker writes ``name``, or None if another one does."""

@@ -46,12 +46,13 @@ def _script(tmp_path: Path, name: str, body: str) -> Path:
 
 
 def _concord(*args: str, timeout: float = 90, env: dict | None = None, **kw):
+    """``concord ARGS`` on the CPU (a GPU host's workers would say where they train)."""
     return subprocess.run(
         [sys.executable, "-m", "concord.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=os.environ | (env or {}),
+        env=os.environ | {"CONCORD_DEVICE": "cpu"} | (env or {}),
         **kw,
     )
 

@@ -1,9 +1,10 @@
 """The env contract (torchrun's names plus CONCORD_*) and the rendezvous store.
 
 Workers read ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``,
-``CONCORD_ROLE``, ``CONCORD_SERVERS`` and ``CONCORD_SECRET``. Under Slurm, ``SLURM_PROCID``,
-``SLURM_NTASKS`` and ``SLURM_LOCALID`` stand in for the first three. No env at all means a
-single process (world 1). For servers, ``RANK`` is the server index and ``WORLD_SIZE`` the
+``LOCAL_WORLD_SIZE``, ``CONCORD_ROLE``, ``CONCORD_SERVERS``, ``CONCORD_SECRET`` and
+``CONCORD_DEVICE``. Under Slurm, ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID`` and
+``SLURM_NTASKS_PER_NODE`` stand in for torchrun's names. No env at all means a single
+process (world 1). For servers, ``RANK`` is the server index and ``WORLD_SIZE`` the
 number of workers.
 """
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from concord.errors import PeerTimeoutError, UsageError
 
 ROLES = ("worker", "server", "data")
+DEVICES = ("auto", "cpu", "cuda")
 AGENT_STORE_VAR = "TORCHELASTIC_USE_AGENT_STORE"
 
 
@@ -39,6 +41,8 @@ class EnvContract:
     secret: bytes = field(default=b"", repr=False)
     attempt: int = 0
     agent_store: bool = False
+    local_world_size: int = 1
+    device: str = "auto"
 
     @property
     def single(self) -> bool:
@@ -64,16 +68,21 @@ def read_env(env: Mapping[str, str] | None = None) -> EnvContract:
     if "RANK" in env:
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE", 1)
         local = _int(env, "LOCAL_RANK", rank)
+        local_world = _int(env, "LOCAL_WORLD_SIZE", world)
     elif "SLURM_PROCID" in env:
         rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS", 1)
         local = _int(env, "SLURM_LOCALID", 0)
+        local_world = _int(env, "SLURM_NTASKS_PER_NODE", world)
     else:
-        rank, world, local = 0, 1, 0
+        rank, world, local, local_world = 0, 1, 0, 1
     role = env.get("CONCORD_ROLE", "worker")
     if role not in ROLES:
         raise UsageError(f"CONCORD_ROLE={role!r} is not one of {', '.join(ROLES)}")
     if world < 1 or not 0 <= rank < max(world, 1) and role == "worker":
         raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    device = env.get("CONCORD_DEVICE", "") or "auto"
+    if device not in DEVICES:
+        raise UsageError(f"CONCORD_DEVICE={device!r} is not one of {', '.join(DEVICES)}")
     port = _int(env, "MASTER_PORT", 29500)
     secret = env.get("CONCORD_SECRET", "")
     return EnvContract(
@@ -87,6 +96,8 @@ def read_env(env: Mapping[str, str] | None = None) -> EnvContract:
         secret=bytes.fromhex(secret) if _is_hex(secret) else secret.encode(),
         attempt=_int(env, "CONCORD_ATTEMPT", _int(env, "TORCHELASTIC_RESTART_COUNT", 0)),
         agent_store=env.get(AGENT_STORE_VAR, "") == "True",
+        local_world_size=local_world,
+        device=device,
     )
 
 

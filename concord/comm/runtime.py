@@ -64,18 +64,57 @@ def current() -> Context | None:
     return _current
 
 
-def _backend() -> tuple[str, torch.device]:
-    if torch.cuda.is_available():
-        return "nccl", torch.device("cuda")
-    return "gloo", torch.device("cpu")
+def choose_device(choice: str, local_rank: int, local_world: int, gpus: int) -> torch.device:
+    """The device a worker trains on: a GPU of its own when every worker on its host has one.
+
+    ``choice`` is CONCORD_DEVICE: "cpu", "cuda" (an error unless each of the host's
+    ``local_world`` workers can have one of its ``gpus``) or "auto" (the GPU when it can,
+    else the CPU). nccl needs one GPU per process, so workers never share one.
+    """
+    if choice == "cpu" or (choice == "auto" and (gpus == 0 or local_world > gpus)):
+        return torch.device("cpu")
+    if gpus == 0:
+        raise UsageError("CONCORD_DEVICE=cuda, but torch sees no GPU on this host")
+    if local_world > gpus:
+        raise UsageError(
+            f"CONCORD_DEVICE=cuda: {local_world} workers on this host but {gpus} GPU(s); nccl "
+            f"needs a GPU per worker: start at most {gpus} workers per host (-n {gpus}), "
+            "or train on the CPU (--device cpu)"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def backend_for(device: torch.device) -> str:
+    """The process group's backend: gloo for CPU tensors, and nccl for CUDA ones on a GPU."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def _device(contract: EnvContract) -> torch.device:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if contract.role != "worker":
+        return torch.device("cpu")  # servers and data servers keep their tensors in host memory
+    device = choose_device(contract.device, contract.local_rank, contract.local_world_size, gpus)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif gpus and contract.device == "auto" and contract.local_rank == 0:
+        log.warning(
+            "concord: %d workers on this host share %d GPU(s); they train on the CPU "
+            "(one GPU per worker: -n %d)",
+            contract.local_world_size,
+            gpus,
+            gpus,
+        )
+    return device
 
 
 def init(timeout: float | None = None, backend: str | None = None) -> Context:
     """Join the job described by the environment and return this process's Context.
 
-    Creates the worker process group (gloo on CPU, nccl with CUDA) with a finite timeout.
-    A worker that never arrives ends this call within ``timeout`` seconds with an error that
-    lists the missing ranks. Calling it again returns the existing context.
+    Creates the worker process group with a finite timeout: gloo, plus nccl for CUDA tensors
+    when every worker on this host has a GPU of its own (``ctx.device``; CONCORD_DEVICE or
+    ``concord run --device`` choose). A worker that never arrives ends this call within
+    ``timeout`` seconds with an error that lists the missing ranks. Calling it again returns
+    the existing context.
     """
     global _current
     if _current is not None:
@@ -84,11 +123,8 @@ def init(timeout: float | None = None, backend: str | None = None) -> Context:
     if timeout <= 0:
         raise UsageError(f"timeout must be positive, got {timeout}")
     contract = read_env()
-    auto_backend, device = _backend()
-    backend = backend or auto_backend
-    if contract.role == "worker" and device.type == "cuda":
-        device = torch.device("cuda", contract.local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
+    device = _device(contract)
+    backend = backend or backend_for(device)
     store = _join(contract, backend, timeout)
     _current = Context(
         rank=contract.rank,

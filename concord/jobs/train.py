@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+from concord.comm.rendezvous import DEVICES
 from concord.data.mnist import hub_file
 from concord.errors import UsageError
 from concord.models import MODELS
@@ -78,6 +79,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds any wait may last")
     parser.add_argument("--master-port", type=int, default=0)
     parser.add_argument("--min-accuracy", type=float, default=None, help="fail below this")
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=None,
+        help="a GPU per worker when there are enough (auto, default), cpu, or cuda",
+    )
     parser.add_argument(
         "--max-restarts",
         type=int,
@@ -150,6 +157,7 @@ def main(args: argparse.Namespace) -> int:
         master_port=args.master_port,
         timeout=args.timeout,
         max_restarts=args.max_restarts,
+        device=args.device,
     )
     code = launch(config)
     if code != 0:

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> None:
     ctx = concord.init()
     strategy = build_strategy(args)
     torch.manual_seed(args.seed)
-    model = build_model(args.model)
+    model = build_model(args.model).to(ctx.device)  # a GPU of its own, when there is one
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     model, opt = concord.distribute(model, opt, strategy, ctx=ctx)
     shard = strategy.data_shard(ctx)

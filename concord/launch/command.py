@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from concord.comm.rendezvous import DEVICES
 from concord.errors import UsageError
 from concord.launch.plan import LaunchConfig
 from concord.launch.spawner import launch
@@ -79,6 +80,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="longest any process waits for a peer (CONCORD_TIMEOUT, default 300)",
     )
     add(
+        "--device",
+        choices=DEVICES,
+        default=None,
+        help="what workers train on (CONCORD_DEVICE): a GPU per worker when this host has "
+        "enough, else the CPU (auto, default); cpu; or cuda (an error without a GPU each)",
+    )
+    add(
         "-m",
         dest="module",
         nargs=argparse.REMAINDER,
@@ -119,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         max_restarts=args.max_restarts,
         timeout=args.timeout,
         secret=os.environ.get("CONCORD_SECRET") or None,
+        device=args.device,
     )
 
 

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from concord.comm.rendezvous import DEVICES
 from concord.errors import UsageError
 
 SERVER_MODULE = "concord.strategies.ps.server"
@@ -65,6 +66,7 @@ class LaunchConfig:
     max_restarts: int = 0
     timeout: float = 300.0
     secret: str | None = None
+    device: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     server_module: str = SERVER_MODULE
     data_module: str = DATA_MODULE
@@ -77,6 +79,8 @@ class LaunchConfig:
         _check_network(self)
         if not self.timeout > 0:
             raise UsageError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        if self.device is not None and self.device not in DEVICES:
+            raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.data_server is not None and not self.data_server.strip():
             raise UsageError("--data-server needs a dataset name, e.g. --data-server mnist")
         reserved = sorted(CONTRACT_VARS & set(self.env))
@@ -201,7 +205,8 @@ def plan(
 
 
 def _common_env(config: LaunchConfig, port: int, secret: str, attempt: int) -> dict[str, str]:
-    return {
+    device = {} if config.device is None else {"CONCORD_DEVICE": config.device}
+    return device | {
         "MASTER_ADDR": config.master_addr,
         "MASTER_PORT": str(port),
         "WORLD_SIZE": str(config.world_size),

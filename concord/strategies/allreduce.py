@@ -102,9 +102,13 @@ class AllReduce(Strategy):
         wrapped = AllReduceModel(model, reducer)
         return Distributed(wrapped, AllReduceOptimizer(optimizer, wrapped, self.check_every))
 
-    def resolve_engine(self, ctx: Context, prefix: str, wire_bytes: int = 0) -> str:
-        """The engine this job uses (the same answer on every worker)."""
-        check_engine_device(self.engine, ctx.device)
+    def resolve_engine(
+        self, ctx: Context, prefix: str, wire_bytes: int = 0, device: torch.device | None = None
+    ) -> str:
+        """The engine this job uses for gradients on ``device`` (default ``ctx.device``; the
+        same answer on every worker)."""
+        device = ctx.device if device is None else device
+        check_engine_device(self.engine, device)
         if self.engine == "ring" and not ShmRing.available():
             raise UsageError(
                 f'AllReduce(engine="ring") needs x86-64 shared memory; this is '
@@ -112,7 +116,7 @@ class AllReduce(Strategy):
             )
         if self.engine != "auto":
             return self.engine
-        if ctx.device.type != "cpu":
+        if device.type != "cpu":
             return "torch"
         # every worker on this host needs its own wire in shared memory
         fits = ShmRing.available(2 * ctx.world_size * wire_bytes)
@@ -120,6 +124,7 @@ class AllReduce(Strategy):
 
     def _reducer(self, model: nn.Module, ctx: Context) -> Reducer:
         params = [p for p in model.parameters() if p.requires_grad]
+        device = model_device(params)
         specs = [ParamSpec(p.numel(), p.element_size(), f"{p.dtype}@{p.device}") for p in params]
         plan = plan_buckets(
             specs,
@@ -131,7 +136,7 @@ class AllReduce(Strategy):
         low_rank = self.compression if isinstance(self.compression, PowerSGD) else None
         wire_codec = None if low_rank else codec(self.compression)
         nbytes = RingEngine.wire_bytes(plan, dtypes, wire_codec)
-        engine_name = self.resolve_engine(ctx, prefix, nbytes)
+        engine_name = self.resolve_engine(ctx, prefix, nbytes, device)
         if engine_name == "ring":
             ring = ShmRing(
                 ctx.rank,
@@ -146,14 +151,25 @@ class AllReduce(Strategy):
                 plan, dtypes, ring, wire_codec, ctx.world_size, self.chunk_kb * 1024
             )
         else:
-            engine = TorchEngine(plan, dtypes, ctx.device, wire_codec, ctx.world_size, ctx.timeout)
+            engine = TorchEngine(plan, dtypes, device, wire_codec, ctx.world_size, ctx.timeout)
         if low_rank is not None:
             for b, dtype in zip(plan.buckets, dtypes):
                 shapes = [params[slot.param].shape for slot in b.slots]
                 engine.low_rank[b.index] = LowRank(
-                    b, shapes, low_rank, dtype, ctx.world_size, ctx.device
+                    b, shapes, low_rank, dtype, ctx.world_size, device
                 )
         return Reducer(params, plan, engine, ctx.world_size)
+
+
+def model_device(params: list[torch.Tensor]) -> torch.device:
+    """The one device that holds all of ``params`` (the CPU for none)."""
+    devices = sorted({str(p.device) for p in params})
+    if len(devices) > 1:
+        raise UsageError(
+            f"AllReduce reduces a model on one device, but its parameters are on {devices}; "
+            "move the whole model first: model.to(ctx.device)"
+        )
+    return params[0].device if params else torch.device("cpu")
 
 
 def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

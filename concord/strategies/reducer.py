@@ -353,6 +353,6 @@ def check_engine_device(engine: str, device: torch.device) -> None:
     """The ring engine works on host memory only."""
     if engine == "ring" and device.type != "cpu":
         raise UsageError(
-            f'AllReduce(engine="ring") reduces host memory, but this worker uses {device}; '
+            f'AllReduce(engine="ring") reduces host memory, but the model is on {device}; '
             'use engine="torch" (nccl) on GPUs, or engine="auto"'
         )
