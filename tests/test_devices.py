@@ -12,7 +12,7 @@ from concord.comm.rendezvous import read_env
 from concord.comm.runtime import backend_for, choose_device
 from concord.errors import UsageError
 from concord.launch.plan import LaunchConfig, plan
-from concord.strategies.allreduce import model_device
+from concord.strategies.base import model_device
 from concord.trainer import Trainer
 
 
@@ -75,7 +75,7 @@ def test_the_trainer_moves_batches_to_the_model_s_device():
     assert all(a is b for a, b in zip(on_cpu._to_device(x, y), (x, y)))  # no copy on the CPU
 
 
-def test_allreduce_needs_the_model_on_one_device():
+def test_a_model_must_be_on_one_device():
     mixed = [nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2, device="meta"))]
     with pytest.raises(UsageError, match=r"\['cpu', 'meta'\].*model.to\(ctx.device\)"):
         model_device(mixed)

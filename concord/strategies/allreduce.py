@@ -32,7 +32,7 @@ from concord.algorithms.buckets import ParamSpec, plan_buckets
 from concord.algorithms.codecs import CODECS, PowerSGD, codec
 from concord.comm.shm import ShmRing
 from concord.errors import ConcordError, PeerTimeoutError, UsageError
-from concord.strategies.base import Distributed, DistributedOptimizer, Strategy
+from concord.strategies.base import Distributed, DistributedOptimizer, Strategy, model_device
 from concord.strategies.reducer import (
     LowRank,
     Reducer,
@@ -159,17 +159,6 @@ class AllReduce(Strategy):
                     b, shapes, low_rank, dtype, ctx.world_size, device
                 )
         return Reducer(params, plan, engine, ctx.world_size)
-
-
-def model_device(params: list[torch.Tensor]) -> torch.device:
-    """The one device that holds all of ``params`` (the CPU for none)."""
-    devices = sorted({str(p.device) for p in params})
-    if len(devices) > 1:
-        raise UsageError(
-            f"AllReduce reduces a model on one device, but its parameters are on {devices}; "
-            "move the whole model first: model.to(ctx.device)"
-        )
-    return params[0].device if params else torch.device("cpu")
 
 
 def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

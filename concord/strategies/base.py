@@ -13,8 +13,21 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import nn
 
+from concord.errors import UsageError
+
 if TYPE_CHECKING:
     from concord.comm.runtime import Context
+
+
+def model_device(params: list[torch.Tensor]) -> torch.device:
+    """The one device that holds all of ``params`` (the CPU for none)."""
+    devices = sorted({str(p.device) for p in params})
+    if len(devices) > 1:
+        raise UsageError(
+            f"concord trains a model (or a pipeline stage) on one device, but its parameters "
+            f"are on {devices}; move the whole model first: model.to(ctx.device)"
+        )
+    return params[0].device if params else torch.device("cpu")
 
 
 class Distributed(NamedTuple):

@@ -37,7 +37,13 @@ from concord.algorithms import schedules as sched
 from concord.algorithms.partition import Split, balanced_split, explicit_split
 from concord.errors import PeerTimeoutError, UsageError
 from concord.strategies.allreduce import broadcast_state
-from concord.strategies.base import DataShard, Distributed, DistributedOptimizer, Strategy
+from concord.strategies.base import (
+    DataShard,
+    Distributed,
+    DistributedOptimizer,
+    Strategy,
+    model_device,
+)
 from concord.strategies.pipeline_runtime import (
     PipelineStage,
     PipelineStats,
@@ -120,7 +126,8 @@ class Pipeline(Strategy):
             broadcast_state(nn.ModuleList([m for _, m in layers]))  # rank 0's weights win
         split = self.plan(layers, ctx)
         mine = [layers[i] for i in split.ranges()[place.stage]]
-        link = StageLink(place, ctx.timeout, ctx.device)
+        device = model_device([p for _, m in layers for p in m.parameters()])
+        link = StageLink(place, ctx.timeout, device)  # the model's device: nccl for CUDA
         stage = PipelineStage(mine, place, self.microbatches, self.schedule, link)
         local_opt = restrict_optimizer(optimizer, list(stage.parameters()))
         group = _stage_groups(place, ctx.timeout)
@@ -142,7 +149,9 @@ class Pipeline(Strategy):
         starts = torch.zeros(self.stages, dtype=torch.int64)
         if ctx is None or ctx.rank == 0:
             shape = self.sample_shape or _infer_sample_shape(layers)
-            seconds = measure_layer_seconds([m for _, m in layers], torch.randn(32, *shape))
+            device = model_device([p for _, m in layers for p in m.parameters()])
+            sample = torch.randn(32, *shape, device=device)
+            seconds = measure_layer_seconds([m for _, m in layers], sample)
             starts = torch.tensor(balanced_split(seconds, self.stages).starts)
         if ctx is not None and ctx.world_size > 1:
             dist.broadcast(starts, 0)
@@ -196,6 +205,8 @@ def measure_layer_seconds(
             out = module(inp)
             if out.requires_grad:
                 out.backward(torch.ones_like(out))
+            if out.is_cuda:
+                torch.cuda.synchronize(out.device)  # the kernels ran, not just queued
             if i:
                 times.append(time.perf_counter() - start)
         seconds.append(sorted(times)[len(times) // 2])
