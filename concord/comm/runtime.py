@@ -90,9 +90,9 @@ def backend_for(device: torch.device) -> str:
 
 
 def _device(contract: EnvContract) -> torch.device:
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if contract.role != "worker":
         return torch.device("cpu")  # servers and data servers keep their tensors in host memory
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = choose_device(contract.device, contract.local_rank, contract.local_world_size, gpus)
     if device.type == "cuda":
         torch.cuda.set_device(device)
