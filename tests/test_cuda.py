@@ -19,6 +19,8 @@ import pytest
 import torch
 from multiproc import run_workers
 from ps_harness import run_ps_job
+from test_pipeline import CONFIGS, _check_stage, _pipelined
+from test_pipeline import _reference as _unsplit
 from test_ps import GLOBAL_BATCH, BranchNet, _batch, _optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -93,6 +95,32 @@ def test_workers_sharing_a_gpu_train_on_the_cpu_or_refuse_cuda():
     assert {(r[0], r[1]) for r in results} == {("cpu", "gloo")}
     with pytest.raises(AssertionError, match="nccl needs a GPU per worker"):
         run_workers(_allreduce_worker, 2, ("auto", None), env=env | {"CONCORD_DEVICE": "cuda"})
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(GPUS < 2, reason="needs two GPUs")
+def test_two_workers_with_a_gpu_each_reduce_through_nccl():
+    env = {"LOCAL_WORLD_SIZE": "2"}
+    results = run_workers(_allreduce_worker, 2, args=("auto", None), env=env, timeout=90)
+    assert [(r[0], r[1]) for r in results] == [
+        ("cuda:0", "cpu:gloo,cuda:nccl"),
+        ("cuda:1", "cpu:gloo,cuda:nccl"),
+    ]
+    for _, _, params in results:
+        _close(params, _reference("sgd"))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(GPUS < 2, reason="needs two GPUs")
+def test_pipeline_stages_on_gpus_of_their_own_match_the_unsplit_model():
+    """Activations and their gradients go through nccl (the test_pipeline cases, on GPUs)."""
+    env = {"LOCAL_WORLD_SIZE": "2"}
+    per_rank = run_workers(_pipelined, 2, args=(2, 10, CONFIGS, 1, True), env=env, timeout=100)
+    ref = _unsplit(10)
+    for c in range(len(CONFIGS)):
+        for rank in range(2):
+            assert per_rank[rank][c]["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+            _check_stage(per_rank[rank][c], ref)
 
 
 @pytest.mark.timeout(120)

@@ -50,28 +50,32 @@ def _reference(n: int) -> dict:
     return {"loss": loss.item(), "grads": grads, "params": params, "out": out}
 
 
-def _pipelined(stages: int, n: int, configs: list, replicas: int = 1) -> list[dict]:
-    """One stage's view of one step for every (schedule, M, split) in ``configs``."""
+def _pipelined(
+    stages: int, n: int, configs: list, replicas: int = 1, on_device: bool = False
+) -> list[dict]:
+    """One stage's view of one step for every (schedule, M, split) in ``configs`` (the model
+    on ``ctx.device`` with ``on_device``; results on the CPU)."""
     import concord
 
     ctx = concord.init(timeout=30)
+    device = ctx.device if on_device else torch.device("cpu")
     results = []
     for schedule, m, split in configs:
-        model = _model()
+        model = _model().to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         strategy = concord.Pipeline(stages, m, schedule, split=split, replicas=replicas)
         stage, sopt = strategy.distribute(model, opt, ctx)
         shard = strategy.data_shard(ctx)
         x, y = _batch(n, 1)
-        x, y = x[shard.rank :: shard.world], y[shard.rank :: shard.world]
+        x, y = x[shard.rank :: shard.world].to(device), y[shard.rank :: shard.world].to(device)
         sopt.zero_grad()
         loss = stage.train_batch(x, y, F.cross_entropy)
-        grads = {k: p.grad.clone() for k, p in stage.named_parameters()}
+        grads = {k: p.grad.cpu().clone() for k, p in stage.named_parameters()}
         sopt.step()
         stage.eval()
         with torch.no_grad():
-            out = stage(x)
-        params = {k: p.detach().clone() for k, p in stage.named_parameters()}
+            out = stage(x).cpu()
+        params = {k: p.detach().cpu().clone() for k, p in stage.named_parameters()}
         stats = stage.last_stats
         results.append(
             {"loss": loss.item(), "grads": grads, "params": params, "out": out,
