@@ -191,7 +191,9 @@ class Trainer:
         path = path.with_name(self._staged(path.name))
         if not path.is_file():
             raise FileNotFoundError(f"worker {self.ctx.rank}: no checkpoint at {path}")
-        state = torch.load(path, weights_only=True)  # tensors and plain values, no code
+        # tensors and plain values, no code; on the CPU, so that a GPU run's checkpoint loads
+        # anywhere (load_state_dict copies into the parameters wherever they are)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         done = int(state["epochs_done"])
         low, high = self._range(done)
         if low != high:

@@ -19,9 +19,13 @@ import pytest
 import torch
 from multiproc import run_workers
 from ps_harness import run_ps_job
+from test_allreduce_api import ctx as one_process_ctx
 from test_pipeline import CONFIGS, _check_stage, _pipelined
 from test_pipeline import _reference as _unsplit
 from test_ps import GLOBAL_BATCH, BranchNet, _batch, _optimizer
+
+from concord.models import build_model
+from concord.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -168,3 +172,9 @@ def test_concord_train_on_the_gpu(tmp_path):
     assert json.loads(line)["test_accuracy"] >= 0.9
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert {t.device.type for t in saved["model"].values()} == {"cuda"}
+    model = build_model("mlp")  # the GPU run's checkpoint resumes on the CPU
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    trainer = Trainer(model, opt, torch.nn.functional.cross_entropy, one_process_ctx())
+    assert trainer.resume(tmp_path / "checkpoint.pt") == 1
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved["model"][name].cpu(), rtol=0, atol=0)
