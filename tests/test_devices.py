@@ -8,8 +8,9 @@ import torch
 from test_allreduce_api import ctx
 from torch import nn
 
+from concord.cli import main
 from concord.comm.rendezvous import read_env
-from concord.comm.runtime import backend_for, choose_device
+from concord.comm.runtime import backend_for, choose_device, host_gpus
 from concord.errors import UsageError
 from concord.launch.plan import LaunchConfig, plan
 from concord.strategies.base import model_device
@@ -81,3 +82,14 @@ def test_a_model_must_be_on_one_device():
         model_device(mixed)
     assert model_device(mixed[1:]) == torch.device("meta")
     assert model_device([]) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_launchers_refuse_cuda_without_a_gpu_per_worker_before_starting(command, capsys):
+    workers = str(host_gpus() + 1)  # one worker too many on any host
+    argv = ["train", "--workers", workers] if command == "train" else ["run", "-n", workers]
+    argv += ["--device", "cuda"] + (["examples/torchrun_style.py"] if command == "run" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda (CONCORD_DEVICE)" in err and "GPU" in err
+    assert len(err.strip().splitlines()) == 1

@@ -74,12 +74,12 @@ def choose_device(choice: str, local_rank: int, local_world: int, gpus: int) -> 
     if choice == "cpu" or (choice == "auto" and (gpus == 0 or local_world > gpus)):
         return torch.device("cpu")
     if gpus == 0:
-        raise UsageError("CONCORD_DEVICE=cuda, but torch sees no GPU on this host")
+        raise UsageError("--device cuda (CONCORD_DEVICE), but torch sees no GPU on this host")
     if local_world > gpus:
         raise UsageError(
-            f"CONCORD_DEVICE=cuda: {local_world} workers on this host but {gpus} GPU(s); nccl "
-            f"needs a GPU per worker: start at most {gpus} workers per host (-n {gpus}), "
-            "or train on the CPU (--device cpu)"
+            f"--device cuda (CONCORD_DEVICE): {local_world} workers on this host but {gpus} "
+            f"GPU(s); nccl needs a GPU per worker: start at most {gpus} workers per host "
+            f"(-n {gpus}), or train on the CPU (--device cpu)"
         )
     return torch.device("cuda", local_rank)
 
@@ -89,10 +89,22 @@ def backend_for(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
+def host_gpus() -> int:
+    """The GPUs torch sees on this host."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_device_choice(choice: str | None, local_workers: int) -> None:
+    """Raise the UsageError every worker would raise for ``choice`` before they start (the
+    launchers' early check of ``--device cuda``)."""
+    if choice == "cuda":
+        choose_device(choice, 0, local_workers, host_gpus())
+
+
 def _device(contract: EnvContract) -> torch.device:
     if contract.role != "worker":
         return torch.device("cpu")  # servers and data servers keep their tensors in host memory
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = host_gpus()
     device = choose_device(contract.device, contract.local_rank, contract.local_world_size, gpus)
     if device.type == "cuda":
         torch.cuda.set_device(device)

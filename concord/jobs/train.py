@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from concord.comm.rendezvous import DEVICES
+from concord.comm.runtime import check_device_choice
 from concord.data.mnist import hub_file
 from concord.errors import UsageError
 from concord.models import MODELS
@@ -128,6 +129,7 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--resume {args.resume}: no such checkpoint")
         args.resume = str(resume)
     hub_file()  # a missing dataset is a clear error before anything starts
+    check_device_choice(args.device, worker_count(args))  # so is --device cuda without GPUs
 
 
 def forward_args(args: argparse.Namespace, out: Path) -> list[str]:

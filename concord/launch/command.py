@@ -14,6 +14,7 @@ import argparse
 import os
 
 from concord.comm.rendezvous import DEVICES
+from concord.comm.runtime import check_device_choice
 from concord.errors import UsageError
 from concord.launch.plan import LaunchConfig
 from concord.launch.spawner import launch
@@ -133,4 +134,6 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
 
 def main(args: argparse.Namespace) -> int:
     """Run the job; the exit status is 0 when every worker exited 0."""
-    return launch(config_from_args(args))
+    config = config_from_args(args)
+    check_device_choice(config.device, config.workers)
+    return launch(config)
