@@ -126,8 +126,7 @@ class Pipeline(Strategy):
             broadcast_state(nn.ModuleList([m for _, m in layers]))  # rank 0's weights win
         split = self.plan(layers, ctx)
         mine = [layers[i] for i in split.ranges()[place.stage]]
-        device = model_device([p for _, m in layers for p in m.parameters()])
-        link = StageLink(place, ctx.timeout, device)  # the model's device: nccl for CUDA
+        link = StageLink(place, ctx.timeout, _device(layers))  # the model's: nccl for CUDA
         stage = PipelineStage(mine, place, self.microbatches, self.schedule, link)
         local_opt = restrict_optimizer(optimizer, list(stage.parameters()))
         group = _stage_groups(place, ctx.timeout)
@@ -149,8 +148,7 @@ class Pipeline(Strategy):
         starts = torch.zeros(self.stages, dtype=torch.int64)
         if ctx is None or ctx.rank == 0:
             shape = self.sample_shape or _infer_sample_shape(layers)
-            device = model_device([p for _, m in layers for p in m.parameters()])
-            sample = torch.randn(32, *shape, device=device)
+            sample = torch.randn(32, *shape, device=_device(layers))
             seconds = measure_layer_seconds([m for _, m in layers], sample)
             starts = torch.tensor(balanced_split(seconds, self.stages).starts)
         if ctx is not None and ctx.world_size > 1:
@@ -185,6 +183,11 @@ def _infer_sample_shape(layers: Sequence[tuple[str, nn.Module]]) -> tuple[int, .
         "Pipeline(split='time') cannot infer the input shape of this model; pass "
         "Pipeline(..., sample_shape=(C, H, W)), the shape of one input sample"
     )
+
+
+def _device(layers: Sequence[tuple[str, nn.Module]]) -> torch.device:
+    """The device of the whole model (every stage uses it, also one without parameters)."""
+    return model_device([p for _, m in layers for p in m.parameters()])
 
 
 def measure_layer_seconds(
