@@ -22,7 +22,7 @@ from ps_harness import run_ps_job
 from test_allreduce_api import ctx as one_process_ctx
 from test_pipeline import CONFIGS, _check_stage, _pipelined
 from test_pipeline import _reference as _unsplit
-from test_ps import GLOBAL_BATCH, BranchNet, _batch, _optimizer
+from test_ps import BranchNet, _optimizer, _train
 
 from concord.models import build_model
 from concord.trainer import Trainer
@@ -33,21 +33,8 @@ STEPS = 4
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _train(model, opt, rank: int, world: int) -> list[torch.Tensor]:
-    """``STEPS`` steps on worker ``rank``'s slice of each global batch, on the model's device;
-    returns the parameters (with ``overlap=True`` call it after the last reply was loaded)."""
-    device = next(model.parameters()).device
-    for step in range(STEPS):
-        x, y = _batch(step)
-        i = torch.arange(rank, GLOBAL_BATCH, world)
-        opt.zero_grad()
-        out = model(x[i].to(device), step % 3 == 0)
-        torch.nn.functional.cross_entropy(out, y[i].to(device)).backward()
-        opt.step()
-    return _params(model)
-
-
 def _params(model) -> list[torch.Tensor]:
+    """The parameters on the CPU (with ``overlap=True``: once the last reply was loaded)."""
     return [p.detach().cpu().clone() for p in model.parameters()]
 
 
@@ -55,7 +42,8 @@ def _reference(opt_name: str) -> list[torch.Tensor]:
     """One process on the GPU: the whole global batch each step."""
     torch.manual_seed(0)
     model = BranchNet().cuda()
-    return _train(model, _optimizer(opt_name, model), 0, 1)
+    _train(model, _optimizer(opt_name, model), 0, 1, steps=STEPS)
+    return _params(model)
 
 
 def _close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
@@ -78,8 +66,8 @@ def _allreduce_worker(engine: str, device: str | None):
         model, opt = wrapped, AllReduceOptimizer(opt, wrapped, None)
     else:
         model, opt = concord.distribute(model, opt, strategy)
-    params = _train(model, opt, ctx.rank, ctx.world_size)
-    return str(ctx.device), ctx.backend, params
+    _train(model, opt, ctx.rank, ctx.world_size, steps=STEPS)
+    return str(ctx.device), ctx.backend, _params(model)
 
 
 @pytest.mark.timeout(120)
@@ -143,7 +131,7 @@ def _ps_worker(overlap: bool):
     model = BranchNet().cuda()
     opt = _optimizer("adam", model)
     model, opt = concord.distribute(model, opt, concord.ParameterServer(overlap=overlap))
-    _train(model, opt, ctx.rank, ctx.world_size)
+    _train(model, opt, ctx.rank, ctx.world_size, steps=STEPS)
     state = opt.state_dict()["state"]
     opt.close()  # with overlap=True: loads the last step's parameters, still on their way
     return _params(model), {k: v["exp_avg"].device.type for k, v in state.items()}

@@ -58,9 +58,11 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _train(model, opt, rank, world, steps=STEPS, workers=None, after_step=None) -> None:
     """Worker ``rank`` trains on its slice of each global batch. With ``workers`` (one
-    process standing in for them) the loss is the mean of those workers' slice losses."""
+    process standing in for them) the loss is the mean of those workers' slice losses.
+    Batches go to the model's device."""
+    device = next(model.parameters()).device
     for step in range(steps):
-        x, y = _batch(step)
+        x, y = (t.to(device) for t in _batch(step))
         slices = [torch.arange(w, GLOBAL_BATCH, world) for w in (workers or [rank])]
         opt.zero_grad()
         losses = [F.cross_entropy(model(x[i], step % 3 == 0), y[i]) for i in slices]
