@@ -159,9 +159,14 @@ class Trainer:
             flush=True,
         )
         if self.out_dir:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(asdict(metrics)) + "\n")
+            self._write_metrics([metrics], "a")
+
+    def _write_metrics(self, history: list[EpochMetrics], mode: str) -> None:
+        """Append (``mode`` "a") or write anew ("w") ``metrics.jsonl``, a JSON line an epoch."""
+        assert self.out_dir is not None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", mode) as fh:
+            fh.writelines(json.dumps(asdict(m)) + "\n" for m in history)
 
     def save(self, name: str = "model.pt") -> Path | None:
         """Write the model's state dict to the run directory (rank 0 of each stage)."""
@@ -205,9 +210,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.history = [EpochMetrics(**h) for h in state.get("history", [])]
         if self.ctx.is_main and self.out_dir:  # exactly the epochs the checkpoint had done,
-            self.out_dir.mkdir(parents=True, exist_ok=True)  # none twice, none lost
-            lines = "".join(json.dumps(asdict(m)) + "\n" for m in self.history)
-            (self.out_dir / "metrics.jsonl").write_text(lines)
+            self._write_metrics(self.history, "w")  # none twice, none lost
         return done
 
     def resume_latest(self) -> int:
