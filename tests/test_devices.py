@@ -9,7 +9,7 @@ from test_allreduce_api import ctx
 from torch import nn
 
 from concord.cli import main
-from concord.comm.rendezvous import read_env
+from concord.comm.rendezvous import read_env, tasks_per_node
 from concord.comm.runtime import backend_for, choose_device, host_gpus
 from concord.errors import UsageError
 from concord.launch.plan import LaunchConfig, plan
@@ -56,6 +56,20 @@ def test_the_env_names_the_host_s_workers_and_the_device():
     assert read_env({}).local_world_size == 1
     with pytest.raises(UsageError, match="CONCORD_DEVICE='gpu' is not one of auto, cpu, cuda"):
         read_env({"CONCORD_DEVICE": "gpu"})
+
+
+def test_slurm_s_tasks_per_node_name_this_node_s_workers():
+    job = {"SLURM_PROCID": "6", "SLURM_NTASKS": "7", "SLURM_TASKS_PER_NODE": "2(x3),1"}
+    assert [read_env(job | {"SLURM_NODEID": n}).local_world_size for n in "0123"] == [2, 2, 2, 1]
+    step = job | {"SLURM_STEP_TASKS_PER_NODE": "4,3", "SLURM_NODEID": "1"}
+    assert read_env(step).local_world_size == 3  # the step's layout before the job's
+    assert read_env(step | {"SLURM_NTASKS_PER_NODE": "5"}).local_world_size == 5
+    assert tasks_per_node("X", "8") == [8]
+    for bad in ("2(x3", "2(3)", "x", "0", "2(x0)", "2,,1"):
+        with pytest.raises(UsageError, match=r"SLURM_TASKS_PER_NODE=.* is not like '2\(x3\),1'"):
+            read_env(job | {"SLURM_TASKS_PER_NODE": bad})
+    with pytest.raises(UsageError, match="SLURM_NODEID=4 is outside SLURM_TASKS_PER_NODE"):
+        read_env(job | {"SLURM_NODEID": "4"})
 
 
 def test_the_launcher_passes_device_to_every_worker():

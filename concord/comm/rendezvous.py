@@ -3,7 +3,9 @@
 Workers read ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``,
 ``LOCAL_WORLD_SIZE``, ``CONCORD_ROLE``, ``CONCORD_SERVERS``, ``CONCORD_SECRET`` and
 ``CONCORD_DEVICE``. Under Slurm, ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID`` and
-``SLURM_NTASKS_PER_NODE`` stand in for torchrun's names. No env at all means a single
+``SLURM_NTASKS_PER_NODE`` stand in for torchrun's names (without the last, this node's entry,
+``SLURM_NODEID``, of ``SLURM_STEP_TASKS_PER_NODE`` or ``SLURM_TASKS_PER_NODE``, whose form is
+``2(x3),1``: two tasks on each of three nodes, then one). No env at all means a single
 process (world 1). For servers, ``RANK`` is the server index and ``WORLD_SIZE`` the
 number of workers.
 """
@@ -72,7 +74,7 @@ def read_env(env: Mapping[str, str] | None = None) -> EnvContract:
     elif "SLURM_PROCID" in env:
         rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS", 1)
         local = _int(env, "SLURM_LOCALID", 0)
-        local_world = _int(env, "SLURM_NTASKS_PER_NODE", world)
+        local_world = _slurm_local_world(env, world)
     else:
         rank, world, local, local_world = 0, 1, 0, 1
     role = env.get("CONCORD_ROLE", "worker")
@@ -99,6 +101,36 @@ def read_env(env: Mapping[str, str] | None = None) -> EnvContract:
         local_world_size=local_world,
         device=device,
     )
+
+
+def _slurm_local_world(env: Mapping[str, str], world: int) -> int:
+    """Tasks on this node under Slurm: ``SLURM_NTASKS_PER_NODE``, else this node's entry in
+    the step's (or the job's) tasks per node, else ``world`` (all on this node)."""
+    if env.get("SLURM_NTASKS_PER_NODE"):
+        return _int(env, "SLURM_NTASKS_PER_NODE")
+    for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if env.get(name):
+            counts = tasks_per_node(name, env[name])
+            node = _int(env, "SLURM_NODEID", 0)
+            if not 0 <= node < len(counts):
+                raise UsageError(f"SLURM_NODEID={node} is outside {name}={env[name]!r}")
+            return counts[node]
+    return world
+
+
+def tasks_per_node(name: str, value: str) -> list[int]:
+    """Slurm's compressed tasks per node, one count per node: ``"2(x3),1"`` -> [2, 2, 2, 1]."""
+    counts: list[int] = []
+    for entry in value.split(","):
+        count, _, repeat = entry.partition("(x")
+        try:
+            n, times = int(count), int(repeat.removesuffix(")")) if repeat else 1
+        except ValueError:
+            n = times = 0
+        if n < 1 or times < 1 or (repeat and not repeat.endswith(")")):
+            raise UsageError(f"environment variable {name}={value!r} is not like '2(x3),1'")
+        counts += [n] * times
+    return counts
 
 
 def _is_hex(text: str) -> bool:
