@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from concord.comm.channel import ClientChannel, ServerChannel, local_sockets_available
+from concord.comm.channel import ClientChannel
 from concord.comm.lanes import Lane, LaneError, pack_frames, unpack_frames
+from concord.comm.local import local_sockets_available
+from concord.comm.server_channel import ServerChannel
 from concord.comm.wire import Codec, Message, WireError
 
 SECRET = bytes(range(32))
@@ -379,7 +381,7 @@ def test_messages_in_lanes_travel_as_local_datagrams_and_the_rest_through_zmq():
         assert loop.after(4).local_messages == [2, 3]
         assert client._lanes[0].moved == (3 << 20) + 400  # its large frames still used the lanes
         loop.stop()  # (the server's state belongs to its thread)
-        server._drop_local(next(iter(server._peer_conn.values())).fileno())  # closed:
+        server._listener.drop(server._listener.fds()[1])  # its one connection closed:
         loop = _Loop(server)
         assert torch.equal(client.request(Message("push", tensors={"t": t})).tensors["t"], 2 * t)
         assert client._local is None and loop.after(1).local_messages == [2, 3]  # zmq goes on
@@ -400,10 +402,10 @@ def test_a_local_connection_without_a_valid_hello_is_dropped(secret, kind):
     try:
         loop = _Loop(server)
         assert client.open_lanes(capacity=3 << 20) is True
-        name = server._listener.getsockname()
+        name = server._listener.sock.getsockname()
         stranger.settimeout(5)
         stranger.connect(name)
-        server._tokens["ab" * 16] = b"a peer that was offered lanes"
+        server._listener._tokens["ab" * 16] = b"a peer that was offered lanes"
         token = "ab" * 16 if kind == "auth" else "00" * 16  # (a token never given out)
         hello = Message("local", meta={"token": token})
         stranger.send(pack_frames(Codec(secret).encode(hello), None)[0])

@@ -18,8 +18,8 @@ from ps_harness import run_ps_job
 from torch import nn
 from torch.nn import functional as F
 
-from concord.comm.channel import local_sockets_available
 from concord.comm.lanes import Lane
+from concord.comm.local import local_sockets_available
 
 STEPS = 6
 GLOBAL_BATCH = 16

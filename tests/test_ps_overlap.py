@@ -19,7 +19,8 @@ from torch.nn import functional as F
 
 import concord
 from concord.algorithms.ps_plan import plan_shards
-from concord.comm.channel import ClientChannel, ServerChannel
+from concord.comm.channel import ClientChannel
+from concord.comm.server_channel import ServerChannel
 from concord.comm.wire import Codec, Message
 from concord.strategies.ps.client import describe
 from concord.strategies.ps.overlap import OverlapPSOptimizer

@@ -24,7 +24,7 @@ from concord.algorithms.ps_plan import (
     spec_from_optimizer,
 )
 from concord.algorithms.ps_rules import StalenessClock, SyncAggregator
-from concord.comm.channel import Request
+from concord.comm.server_channel import Request
 from concord.comm.wire import Message, WireError
 from concord.errors import UsageError
 from concord.strategies.ps import ParameterServer

@@ -10,8 +10,9 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from concord.comm.channel import ClientChannel, ServerChannel
+from concord.comm.channel import ClientChannel
 from concord.comm.lanes import pack_frames, unpack_frames
+from concord.comm.server_channel import ServerChannel
 from concord.comm.wire import (
     DTYPES,
     MAC_BYTES,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from concord.comm.channel import ClientChannel, ServerChannel
+from concord.comm.channel import ClientChannel
 from concord.comm.parts import PartAssembler, split_message
+from concord.comm.server_channel import ServerChannel
 from concord.comm.wire import Codec, Message, WireError
 
 SECRET = bytes(range(32))

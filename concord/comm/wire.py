@@ -97,6 +97,11 @@ class Message:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+def as_wire_error(exc: Exception) -> WireError:
+    """``exc`` as a WireError: a ValueError from parts or lanes is a malformed frame."""
+    return exc if isinstance(exc, WireError) else WireError("frames", str(exc))
+
+
 def error_message(kind: str, text: str, **meta: Any) -> Message:
     """The reply a server sends for a request it rejects (``op="error"``)."""
     return Message(op="error", meta={"kind": kind, "error": text, **meta})

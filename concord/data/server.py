@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from concord.comm.channel import Request, ServerChannel
 from concord.comm.discovery import bind_hosts, publish_address
+from concord.comm.server_channel import Request, ServerChannel
 from concord.comm.wire import Codec, Message, error_message
 from concord.data.central import ADDR_KEY
 

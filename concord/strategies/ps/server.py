@@ -5,7 +5,7 @@
 ``CONCORD_SERVERS``, ``MASTER_ADDR``/``MASTER_PORT`` (the job's store), ``CONCORD_SECRET`` and
 ``CONCORD_TIMEOUT`` (and optionally ``CONCORD_SERVER_THREADS``, torch threads, default 1;
 ``CONCORD_LOCAL_SOCKETS=0``: no local datagram socket for same-host workers, see
-:mod:`concord.comm.channel`). The server binds a ZeroMQ ROUTER port, publishes
+:mod:`concord.comm.local`). The server binds a ZeroMQ ROUTER port, publishes
 ``tcp://host:port`` in the store under ``concord/<attempt>/server/<rank>/addr`` and serves
 until every worker has said goodbye (or was lost); under ``concord run`` it serves until the
 launcher stops it after the workers exited. It never runs user code.
@@ -41,10 +41,10 @@ import torch
 from concord.algorithms.ps_rules import StalenessClock, SyncAggregator
 from concord.algorithms.ps_state import decode_state, encode_state
 from concord.comm.alloc import keep_freed_memory
-from concord.comm.channel import Request, ServerChannel
 from concord.comm.discovery import bind_hosts, publish_address
 from concord.comm.rendezvous import read_env
 from concord.comm.runtime import init
+from concord.comm.server_channel import Request, ServerChannel
 from concord.comm.wire import Codec, Message, WireError, error_message
 from concord.strategies.ps.config import ParameterServer
 from concord.strategies.ps.shard import Shard
