@@ -107,3 +107,18 @@ def test_launchers_refuse_cuda_without_a_gpu_per_worker_before_starting(command,
     err = capsys.readouterr().err
     assert "--device cuda (CONCORD_DEVICE)" in err and "GPU" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_launchers_check_the_concord_device_their_workers_inherit(command, capsys, monkeypatch):
+    workers = str(host_gpus() + 1)
+    argv = ["train", "--workers", workers] if command == "train" else ["run", "-n", workers]
+    argv += ["examples/torchrun_style.py"] if command == "run" else []
+    monkeypatch.setenv("CONCORD_DEVICE", "cuda")
+    assert main(argv) == 2
+    assert "--device cuda (CONCORD_DEVICE)" in capsys.readouterr().err
+    monkeypatch.setenv("CONCORD_DEVICE", "gpu")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "CONCORD_DEVICE='gpu' is not one of auto, cpu, cuda" in err
+    assert len(err.splitlines()) == 1

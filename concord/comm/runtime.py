@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from concord.comm.rendezvous import (
+    DEVICES,
     EnvContract,
     arrive,
     attempt_prefix,
@@ -94,9 +96,16 @@ def host_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def check_device_choice(choice: str | None, local_workers: int) -> None:
+def check_device_choice(
+    choice: str | None, local_workers: int, env: Mapping[str, str] | None = None
+) -> None:
     """Raise the UsageError every worker would raise for ``choice`` before they start (the
-    launchers' early check of ``--device cuda``)."""
+    launchers' early check of ``--device cuda``). Without ``choice`` the workers inherit
+    ``CONCORD_DEVICE`` from ``env`` (default: this process's), so that is checked."""
+    if choice is None:
+        choice = (os.environ if env is None else env).get("CONCORD_DEVICE") or "auto"
+        if choice not in DEVICES:
+            raise UsageError(f"CONCORD_DEVICE={choice!r} is not one of {', '.join(DEVICES)}")
     if choice == "cuda":
         choose_device(choice, 0, local_workers, host_gpus())
 
