@@ -106,7 +106,7 @@ class LocalListener:
         token this server gave one peer; that peer's messages may then come this way."""
         conn = self._conns[fd]
         try:
-            msg = self.codec.decode(unpack_frames([data], None))
+            msg = _read_head(self.codec, data)
             peer = self._tokens.pop(str(msg.meta.get("token")), None)
             if msg.op != "local" or peer is None:
                 raise WireError("request", "a local connection must begin with a valid hello")
@@ -121,9 +121,8 @@ class LocalListener:
             self.drop(old.fileno())
         self._conn_peer[fd] = peer
         self._peer_conn[peer] = conn
-        head = pack_frames(self.codec.encode(Message("local", meta={"ok": True})), None)[0]
         try:
-            conn.send(head)
+            conn.send(_head(self.codec, Message("local", meta={"ok": True})))
         except OSError:
             self.drop(fd)
 
@@ -167,15 +166,24 @@ def connect_local(codec: Codec, name: str, token: str, timeout: float) -> socket
     sock.settimeout(timeout)
     try:
         sock.connect("\0" + name)
-        hello = Message("local", meta={"token": token})
-        sock.send(pack_frames(codec.encode(hello), None)[0])
-        reply = codec.decode(unpack_frames([sock.recv(LOCAL_DATAGRAM_BYTES)], None))
+        sock.send(_head(codec, Message("local", meta={"token": token})))
+        reply = _read_head(codec, sock.recv(LOCAL_DATAGRAM_BYTES))
         if reply.op != "local" or reply.meta.get("ok") is not True:
             raise WireError("remote", f"hello answered with {reply.op!r}")
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _head(codec: Codec, msg: Message) -> bytes:
+    """A small message (no lanes) as the one datagram it travels as."""
+    return pack_frames(codec.encode(msg), None)[0]
+
+
+def _read_head(codec: Codec, data: bytes) -> Message:
+    """The authenticated message of a datagram that :func:`_head` made (WireError if not)."""
+    return codec.decode(unpack_frames([data], None))
 
 
 def as_datagram(frames: list[Any]) -> Any | None:

@@ -82,9 +82,7 @@ def read_env(env: Mapping[str, str] | None = None) -> EnvContract:
         raise UsageError(f"CONCORD_ROLE={role!r} is not one of {', '.join(ROLES)}")
     if world < 1 or not 0 <= rank < max(world, 1) and role == "worker":
         raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world}")
-    device = env.get("CONCORD_DEVICE", "") or "auto"
-    if device not in DEVICES:
-        raise UsageError(f"CONCORD_DEVICE={device!r} is not one of {', '.join(DEVICES)}")
+    device = env_device(env)
     port = _int(env, "MASTER_PORT", 29500)
     secret = env.get("CONCORD_SECRET", "")
     return EnvContract(
@@ -101,6 +99,14 @@ def read_env(env: Mapping[str, str] | None = None) -> EnvContract:
         local_world_size=local_world,
         device=device,
     )
+
+
+def env_device(env: Mapping[str, str]) -> str:
+    """``CONCORD_DEVICE`` (``auto`` when unset or empty), checked."""
+    device = env.get("CONCORD_DEVICE", "") or "auto"
+    if device not in DEVICES:
+        raise UsageError(f"CONCORD_DEVICE={device!r} is not one of {', '.join(DEVICES)}")
+    return device
 
 
 def _slurm_local_world(env: Mapping[str, str], world: int) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -13,11 +12,11 @@ import torch
 import torch.distributed as dist
 
 from concord.comm.rendezvous import (
-    DEVICES,
     EnvContract,
     arrive,
     attempt_prefix,
     connect_store,
+    env_device,
     read_env,
 )
 from concord.errors import ConcordError, UsageError
@@ -96,16 +95,12 @@ def host_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def check_device_choice(
-    choice: str | None, local_workers: int, env: Mapping[str, str] | None = None
-) -> None:
+def check_device_choice(choice: str | None, local_workers: int) -> None:
     """Raise the UsageError every worker would raise for ``choice`` before they start (the
-    launchers' early check of ``--device cuda``). Without ``choice`` the workers inherit
-    ``CONCORD_DEVICE`` from ``env`` (default: this process's), so that is checked."""
+    launchers' early check of ``--device cuda``). Without ``choice`` the workers inherit this
+    process's ``CONCORD_DEVICE``, so that is checked."""
     if choice is None:
-        choice = (os.environ if env is None else env).get("CONCORD_DEVICE") or "auto"
-        if choice not in DEVICES:
-            raise UsageError(f"CONCORD_DEVICE={choice!r} is not one of {', '.join(DEVICES)}")
+        choice = env_device(os.environ)
     if choice == "cuda":
         choose_device(choice, 0, local_workers, host_gpus())
 
