@@ -88,8 +88,8 @@ def test_large_batches_come_through_shared_memory_on_one_host(monkeypatch, lanes
             assert torch.equal(yb, index) and torch.equal(xb, x[index])
         c.close()
         used = lanes == "1" and Lane.available()
-        assert (srv.channel.lane_bytes[1] >= 6 * 64 * 784 * 4) == used
-        assert (srv.channel.lane_bytes[1] == 0) == (not used)
+        assert (srv.channel.lane_bytes.sent >= 6 * 64 * 784 * 4) == used
+        assert (srv.channel.lane_bytes.sent == 0) == (not used)
     finally:
         stop.set()
         thread.join(timeout=10)

@@ -24,7 +24,7 @@ from concord.algorithms.ps_plan import (
     spec_from_optimizer,
 )
 from concord.algorithms.ps_rules import StalenessClock, SyncAggregator
-from concord.comm.server_channel import Request
+from concord.comm.server_channel import LaneBytes, Request
 from concord.comm.wire import Message, WireError
 from concord.errors import UsageError
 from concord.strategies.ps import ParameterServer
@@ -382,7 +382,7 @@ class FakeChannel:
         self.sent: list[tuple[bytes, Message]] = []
         self.rejected: Counter[str] = Counter()
         self.bytes_in = self.bytes_out = 0
-        self.lane_bytes = (0, 0, 0)
+        self.lane_bytes = LaneBytes(0, 0, 0)
         self.local_messages = [0, 0]
 
     def reply(self, peer: bytes, msg: Message, track: bool = False):

@@ -54,6 +54,16 @@ class Request:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class LaneBytes:
+    """A server's shared-memory lane traffic: bytes ``received`` and ``sent`` through lanes,
+    and of those sent, the bytes written once into the shared lane for several peers."""
+
+    received: int
+    sent: int
+    shared: int
+
+
 class ServerChannel:
     """A bound ROUTER socket that receives authenticated requests and replies to them."""
 
@@ -245,13 +255,12 @@ class ServerChannel:
         return peer in self._lanes
 
     @property
-    def lane_bytes(self) -> tuple[int, int, int]:
-        """Bytes received and sent through shared-memory lanes (part of bytes_in/out), and of
-        those sent, the bytes written once into the shared lane for several peers."""
+    def lane_bytes(self) -> LaneBytes:
+        """Bytes received and sent through shared-memory lanes (part of bytes_in/out)."""
         lanes = self._lanes.values()
         shared = self._shared.moved if self._shared is not None else 0
         sent = sum(down.moved for _, down in lanes) + shared
-        return sum(up.moved for up, _ in lanes), sent, shared
+        return LaneBytes(sum(up.moved for up, _ in lanes), sent, shared)
 
     def reply(self, peer: bytes, msg: Message, track: bool = False) -> zmq.MessageTracker | None:
         """Send ``msg`` to ``peer`` (zero-copy). With ``track`` return a tracker that is done

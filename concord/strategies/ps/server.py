@@ -429,6 +429,7 @@ class ShardServer:
     def stats(self) -> dict[str, Any]:
         """Versions, staleness and lead histograms, bytes, dropped late gradients, CPU time."""
         dropped = self.sync.dropped[-_DROPPED_LOG:] if self.sync is not None else []
+        lanes = self.chan.lane_bytes
         return {
             "server": self.rank,
             "strategy": self.strategy.name if self.strategy else None,
@@ -443,9 +444,9 @@ class ShardServer:
             "gate_waits": self.counts["gate_waits"],
             "bytes_in": self.chan.bytes_in,
             "bytes_out": self.chan.bytes_out,
-            "lane_bytes_in": self.chan.lane_bytes[0],
-            "lane_bytes_out": self.chan.lane_bytes[1],
-            "lane_bytes_shared": self.chan.lane_bytes[2],
+            "lane_bytes_in": lanes.received,
+            "lane_bytes_out": lanes.sent,
+            "lane_bytes_shared": lanes.shared,
             "local_messages_in": self.chan.local_messages[0],
             "local_messages_out": self.chan.local_messages[1],
             "rejected": dict(self.chan.rejected),
