@@ -23,6 +23,7 @@ from concord.comm.local import local_sockets_available
 
 STEPS = 6
 GLOBAL_BATCH = 16
+CLIP = 0.3  # the global batch's gradient norm is 0.2-0.55 in the first steps
 
 
 class BranchNet(nn.Module):
@@ -56,20 +57,25 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _train(model, opt, rank, world, steps=STEPS, workers=None, after_step=None) -> None:
+def _train(model, opt, rank, world, steps=STEPS, workers=None, after_step=None, clip=None) -> int:
     """Worker ``rank`` trains on its slice of each global batch. With ``workers`` (one
     process standing in for them) the loss is the mean of those workers' slice losses.
-    Batches go to the model's device."""
+    Batches go to the model's device. With ``clip``, gradients are clipped to that norm
+    before each step; returns the number of steps that clipping scaled."""
     device = next(model.parameters()).device
+    clipped = 0
     for step in range(steps):
         x, y = (t.to(device) for t in _batch(step))
         slices = [torch.arange(w, GLOBAL_BATCH, world) for w in (workers or [rank])]
         opt.zero_grad()
         losses = [F.cross_entropy(model(x[i], step % 3 == 0), y[i]) for i in slices]
         (sum(losses) / len(losses)).backward()
+        if clip is not None:
+            clipped += float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)) > clip
         opt.step()
         if after_step is not None:
             after_step(step)
+    return clipped
 
 
 def _reference(opt_name: str, world: int = 1, workers=None) -> list:
@@ -135,6 +141,21 @@ def test_sync_ps_equals_one_process_on_the_global_batch(workers, servers, opt_na
     assert sum(s["pushes"] for s in stats) == workers * STEPS * servers
     assert all(s["dropped"] == 0 and s["staleness"] == {"0": workers * STEPS} for s in stats)
     assert job.server_codes == [0] * servers  # every worker said goodbye
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("servers", [1, 2])
+def test_max_grad_norm_clips_the_average_as_one_process_clips_the_global_batch(servers):
+    kwargs = {"mode": "sync", "max_grad_norm": CLIP}
+    job = run_ps_job(_sync_worker, 2, servers, args=("sgd", kwargs))
+    torch.manual_seed(0)
+    model = BranchNet()
+    clipped = _train(model, _optimizer("sgd", model), 0, 1, clip=CLIP)
+    assert 0 < clipped < STEPS  # the bar clips some steps and not others
+    for params, stats in job.results:
+        for got, want in zip(params, model.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert [s["clipped"] for s in stats] == [clipped] * servers
 
 
 @pytest.mark.timeout(120)

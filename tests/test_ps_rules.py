@@ -23,11 +23,12 @@ from concord.algorithms.ps_plan import (
     plan_shards,
     spec_from_optimizer,
 )
-from concord.algorithms.ps_rules import StalenessClock, SyncAggregator
+from concord.algorithms.ps_rules import StalenessClock, SyncAggregator, clip_coefficient
 from concord.comm.server_channel import LaneBytes, Request
 from concord.comm.wire import Message, WireError
-from concord.errors import UsageError
+from concord.errors import PeerTimeoutError, UsageError
 from concord.strategies.ps import ParameterServer
+from concord.strategies.ps.norms import NormExchange
 from concord.strategies.ps.server import ShardServer
 from concord.strategies.ps.shard import Shard, piece_meta
 
@@ -339,7 +340,40 @@ def test_shard_rejects_bad_descriptions_and_optimizers():
     assert err.value.kind == "optimizer"
 
 
-# -- the strategy ---------------------------------------------------------------------------
+# -- max_grad_norm ----------------------------------------------------------------------------
+@pytest.mark.parametrize("max_norm", [0.5, 3.0, 100.0])
+def test_the_clip_coefficient_from_shard_parts_is_clip_grad_norm_s(max_norm):
+    grads = [torch.randn(40, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    params = [torch.nn.Parameter(torch.zeros(40)) for _ in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    # three shards, one of them holding two halves of a split tensor
+    parts = [float(grads[0].pow(2).sum()), float(grads[1][:25].pow(2).sum())]
+    parts += [float(grads[1][25:].pow(2).sum() + grads[2].pow(2).sum())]
+    scale = clip_coefficient(parts, max_norm)
+    assert (scale < 1.0) == (max_norm < 10)  # (the norm is about 11)
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(p.grad, g * scale, rtol=1e-6, atol=0)
+
+
+def test_servers_share_their_norm_parts_and_a_silent_one_is_named():
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    first, second = (NormExchange(store, "job/", rank, 2, timeout=0.2) for rank in (0, 1))
+    store.set("job/grad-norm/0/1", repr(4.0))  # server 1 published its part of step 0 first
+    assert first.gather(0, 9.0) == [9.0, 4.0]
+    silent = r"server\(s\) \[0\] did not publish .* for sync step 1 within 0.2s"
+    with pytest.raises(PeerTimeoutError, match=silent):
+        second.gather(1, 1.5)  # server 0 has not reached step 1
+    assert first.gather(1, 2.5) == [2.5, 1.5]  # server 1's part waited for it
+    for step in (2, 3):
+        store.set(f"job/grad-norm/{step}/1", "0.0")
+        first.gather(step, 0.0)
+    assert not any(store.check([f"job/grad-norm/{step}/0"]) for step in (0, 1))  # forgotten
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -350,6 +384,10 @@ def test_shard_rejects_bad_descriptions_and_optimizers():
         ({"mode": "async", "max_staleness": -1}, ValueError, "max_staleness must be >= 0"),
         ({"backup_workers": True}, TypeError, "backup_workers must be an int"),
         ({"servers": 0}, ValueError, "servers must be >= 1"),
+        ({"max_grad_norm": 0}, ValueError, "max_grad_norm must be positive and finite"),
+        ({"max_grad_norm": float("nan")}, ValueError, "max_grad_norm must be positive"),
+        ({"max_grad_norm": "1"}, TypeError, "max_grad_norm must be a number or None"),
+        ({"mode": "async", "max_grad_norm": 1.0}, ValueError, "max_grad_norm applies to"),
     ],
 )
 def test_strategy_validates_itself(kwargs, error, match):

@@ -1,4 +1,5 @@
-"""Parameter-server update rules, pure: sync gradient rounds and the staleness (SSP) clock.
+"""Parameter-server update rules, pure: sync gradient rounds, the staleness (SSP) clock, and
+the global-norm clipping coefficient.
 
 Both are plain state machines over tensors and worker ids; the server process
 (:mod:`concord.strategies.ps.server`) feeds them messages and sends what they decide.
@@ -6,7 +7,8 @@ Both are plain state machines over tensors and worker ids; the server process
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -160,3 +162,10 @@ class StalenessClock:
     def remove(self, worker: int) -> None:
         """Forget ``worker`` (it finished or was lost) so it no longer holds others back."""
         self.clock.pop(worker, None)
+
+
+def clip_coefficient(sums_of_squares: Sequence[float], max_norm: float) -> float:
+    """What ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` scales gradients by, from the
+    squared norms of their parts (one per shard): ``min(1, max_norm / (norm + 1e-6))``."""
+    norm = math.sqrt(math.fsum(sums_of_squares))
+    return min(1.0, max_norm / (norm + 1e-6))

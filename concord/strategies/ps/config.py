@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,15 @@ def _int_or_none(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
+def _positive_or_none(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number or None, got {value!r}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+
+
 @dataclass(frozen=True)
 class ParameterServer(Strategy):
     """Parameters live on S server processes; workers push gradients and pull parameters.
@@ -43,6 +53,9 @@ class ParameterServer(Strategy):
     - ``overlap=True`` (push="grad"): push each shard's gradient from autograd hooks as soon as
       backward has produced it, and receive the new parameters in the background; the next
       forward waits for them. Same results (see ``concord.strategies.ps.overlap``).
+    - ``max_grad_norm=c`` (sync): the servers clip each step's averaged gradient by its norm over
+      the whole model, as ``clip_grad_norm_(params, c)`` does in one process (see
+      ``concord.strategies.ps.norms``); do not also clip on the workers.
 
     Start servers with ``concord run -n 4 --servers 2 train.py``.
     """
@@ -54,6 +67,7 @@ class ParameterServer(Strategy):
     min_workers: int | None = None
     servers: int | None = None
     overlap: bool = False
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -80,6 +94,12 @@ class ParameterServer(Strategy):
         if self.mode == "sync" and self.max_staleness is not None:
             raise ValueError(
                 "max_staleness applies to mode='async'; sync mode is already max_staleness=0"
+            )
+        _positive_or_none("max_grad_norm", self.max_grad_norm)
+        if self.mode == "async" and self.max_grad_norm is not None:
+            raise ValueError(
+                "max_grad_norm applies to mode='sync' (async applies each worker's gradient as "
+                "it arrives; clip it on the worker before step() instead)"
             )
         if self.mode == "async" and (self.backup_workers or self.min_workers is not None):
             raise ValueError(

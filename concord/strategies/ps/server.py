@@ -46,7 +46,9 @@ from concord.comm.rendezvous import read_env
 from concord.comm.runtime import init
 from concord.comm.server_channel import Request, ServerChannel
 from concord.comm.wire import Codec, Message, WireError, error_message
+from concord.errors import PeerTimeoutError
 from concord.strategies.ps.config import ParameterServer
+from concord.strategies.ps.norms import NormExchange, clip_by_global_norm
 from concord.strategies.ps.shard import Shard
 
 log = logging.getLogger("concord.ps.server")
@@ -64,9 +66,11 @@ class ShardServer:
         workers: int,
         timeout: float,
         exit_when_done: bool = True,
+        norms: NormExchange | None = None,
     ) -> None:
         self.chan, self.rank, self.workers, self.timeout = channel, rank, workers, timeout
         self.exit_when_done = exit_when_done
+        self.norms = norms  # with several servers: where max_grad_norm's parts meet
         self.shard = Shard(rank)
         self.strategy: ParameterServer | None = None
         self.sync: SyncAggregator | None = None
@@ -272,7 +276,25 @@ class ShardServer:
         self.counts["applied"] += 1
         self.round_started = None
         grads = self.shard.piece_grads(result.grads, result.absent)
-        self.reply_params([self.waiting.pop(w) for w in result.contributors], grads)
+        peers = [self.waiting.pop(w) for w in result.contributors]
+        if self._clip(grads, result.step, peers):
+            self.reply_params(peers, grads)
+
+    def _clip(self, grads: dict[str, torch.Tensor], step: int, peers: list[bytes]) -> bool:
+        """With ``max_grad_norm``, scale the round's averaged gradient as ``clip_grad_norm_``
+        scales the whole model's (the norm spans every shard). False, with the job over and
+        the waiting workers told why, if another server did not share its part in time."""
+        limit = self.strategy.max_grad_norm if self.strategy is not None else None
+        if limit is None:
+            return True
+        try:
+            self.counts["clipped"] += clip_by_global_norm(grads, limit, step, self.norms) < 1
+        except PeerTimeoutError as exc:
+            self.fatal = f"sync step {step}: server {self.rank}: {exc}"
+            for peer in peers:
+                self.chan.reply(peer, error_message("timeout", self.fatal))
+            return False
+        return True
 
     def _wait_trackers(self) -> None:
         """Parameters are about to change in place: let zmq finish sending the last replies."""
@@ -442,6 +464,7 @@ class ShardServer:
             "lead": {str(k): v for k, v in sorted(self.lead.items())},
             "max_lead": max(self.lead, default=0),
             "gate_waits": self.counts["gate_waits"],
+            "clipped": self.counts["clipped"],
             "bytes_in": self.chan.bytes_in,
             "bytes_out": self.chan.bytes_out,
             "lane_bytes_in": lanes.received,
@@ -511,8 +534,12 @@ def main() -> int:
     # under concord run (the launcher hosts the store) the launcher stops the servers once the
     # workers exited; started by hand (torchrun, srun, tests) a server exits when all are done
     exit_when_done = not read_env().agent_store
+    norms = None
+    if ctx.servers > 1:
+        norms = NormExchange(ctx.store, ctx.store_prefix, ctx.rank, ctx.servers, ctx.timeout)
     try:
-        return ShardServer(chan, ctx.rank, ctx.world_size, ctx.timeout, exit_when_done).serve()
+        server = ShardServer(chan, ctx.rank, ctx.world_size, ctx.timeout, exit_when_done, norms)
+        return server.serve()
     finally:
         chan.close()
 
