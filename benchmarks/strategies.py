@@ -14,10 +14,11 @@ the cores are the bottleneck it says where the time goes, and it is steadier tha
 ``idle``: the share of the host's CPU time (``/proc/stat``) left idle over worker 0's timed
 steps — the cores the job could not keep busy, on a host running nothing else.
 ``--quick``: N=4 only (AllReduce, sync PS S=2 without and with overlap, async PS S=2), fewer
-steps. ``+overlap`` rows use ``ParameterServer(overlap=True)``. ``--pairs K``: only the goal's
-two configurations at N=4, AllReduce and sync PS (S=2), in K back-to-back pairs; each pair
-gives one ratio (this VM's speed drifts between runs, so one pair's ratio is steadier than
-one job's rate), reported with the median and the range.
+steps. ``+overlap`` rows use ``ParameterServer(overlap=True)``; ``--worker --strategy
+ps-sync+clip`` (by hand, see the README) uses ``max_grad_norm`` (:data:`CLIP_NORM`).
+``--pairs K``: only the goal's two configurations at N=4, AllReduce and sync PS (S=2), in K
+back-to-back pairs; each pair gives one ratio (this VM's speed drifts between runs, so one
+pair's ratio is steadier than one job's rate), reported with the median and the range.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 
 MARK = "STRATEGIES_RESULT "
 ROOT = Path(__file__).resolve().parents[1]
+CLIP_NORM = 0.5  # ps-sync+clip: the MLP's averaged gradient norm is mostly above it early on
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -52,8 +54,11 @@ def worker(args: argparse.Namespace) -> None:
     if args.strategy == "allreduce":
         strategy = concord.AllReduce()
     else:
-        mode, _, extra = args.strategy.removeprefix("ps-").partition("+")
-        strategy = concord.ParameterServer(mode=mode, overlap=extra == "overlap")
+        mode, *extras = args.strategy.removeprefix("ps-").split("+")
+        clip = CLIP_NORM if "clip" in extras else None
+        strategy = concord.ParameterServer(
+            mode=mode, overlap="overlap" in extras, max_grad_norm=clip
+        )
     model, opt = concord.distribute(model, opt, strategy, ctx=ctx)
     data = concord.data.mnist("train")
     batches = _forever(concord.data.loader(data, batch_size=args.batch, rank=ctx.rank))

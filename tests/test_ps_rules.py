@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from datetime import timedelta
 from types import SimpleNamespace
 
 import numpy as np
@@ -361,6 +362,7 @@ def test_servers_share_their_norm_parts_and_a_silent_one_is_named():
     import torch.distributed as dist
 
     store = dist.HashStore()
+    store.set_timeout(timedelta(seconds=0.2))  # (a job's store waits the job's timeout)
     first, second = (NormExchange(store, "job/", rank, 2, timeout=0.2) for rank in (0, 1))
     store.set("job/grad-norm/0/1", repr(4.0))  # server 1 published its part of step 0 first
     assert first.gather(0, 9.0) == [9.0, 4.0]

@@ -11,7 +11,7 @@ instead, which differs (see the README).
 
 from __future__ import annotations
 
-from datetime import timedelta
+import math
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ def clip_by_global_norm(
     """Scale this shard's part ``grads`` of sync step ``step``'s averaged gradient in place by
     ``clip_grad_norm_``'s coefficient for the whole gradient (``norms``: the other shards'
     parts, None with one server); returns the coefficient (1.0: unchanged)."""
-    part = sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in grads.values())
+    part = math.fsum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads.values())
     scale = clip_coefficient(norms.gather(step, part) if norms is not None else [part], max_norm)
     if scale < 1.0:
         for grad in grads.values():
@@ -35,7 +35,8 @@ def clip_by_global_norm(
 
 
 class NormExchange:
-    """Each server's part of a round's squared gradient norm, shared through the job's store."""
+    """Each server's part of a round's squared gradient norm, shared through the job's store
+    (whose own timeout, the job's, bounds every wait; ``timeout`` says it in errors)."""
 
     def __init__(self, store: Any, prefix: str, rank: int, servers: int, timeout: float) -> None:
         self.store, self.prefix, self.rank, self.servers = store, prefix, rank, servers
@@ -50,8 +51,8 @@ class NormExchange:
         theirs within the timeout."""
         self.store.set(self._key(version, self.rank), repr(part))
         keys = [self._key(version, s) for s in range(self.servers)]
-        try:
-            self.store.wait(keys, timedelta(seconds=self.timeout))
+        try:  # one round trip: it waits for every key, up to the store's timeout (the job's)
+            parts = [float(value) for value in self.store.multi_get(keys)]
         except RuntimeError:  # (torch's DistStoreError is one): name who is missing
             missing = [s for s, key in enumerate(keys) if not self.store.check([key])]
             raise PeerTimeoutError(
@@ -59,7 +60,6 @@ class NormExchange:
                 f"(max_grad_norm) for sync step {version} within {self.timeout:g}s; "
                 "did a server die?"
             ) from None
-        parts = [float(self.store.get(key)) for key in keys]
         if version >= 2:  # every server read step version-2's parts before publishing version-1's
             self.store.delete_key(self._key(version - 2, self.rank))
         return parts
