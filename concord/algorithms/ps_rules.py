@@ -1,7 +1,7 @@
 """Parameter-server update rules, pure: sync gradient rounds, the staleness (SSP) clock, and
 the global-norm clipping coefficient.
 
-Both are plain state machines over tensors and worker ids; the server process
+The first two are plain state machines over tensors and worker ids; the server process
 (:mod:`concord.strategies.ps.server`) feeds them messages and sends what they decide.
 """
 
