@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from concord.comm.runtime import Context
-from concord.errors import ConcordError
+from concord.errors import ConcordError, UsageError
 from concord.progress import progress
 from concord.strategies.base import DataShard
 
@@ -50,7 +50,12 @@ class Evaluation:
 
 
 class Trainer:
-    """Trains a distributed model: ``Trainer(model, opt, loss_fn, ctx, shard).fit(...)``."""
+    """Trains a distributed model: ``Trainer(model, opt, loss_fn, ctx, shard).fit(...)``.
+
+    ``max_grad_norm``: clip each step's gradient to that norm after backward, as
+    ``clip_grad_norm_`` does (with AllReduce the gradient is already the workers' average; for
+    sync parameter servers use ``ParameterServer(max_grad_norm=...)`` instead, which clips the
+    average on the servers)."""
 
     def __init__(
         self,
@@ -60,8 +65,15 @@ class Trainer:
         ctx: Context,
         shard: DataShard | None = None,
         out_dir: str | Path | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
+        if max_grad_norm is not None and hasattr(model, "train_batch"):
+            raise UsageError(
+                "max_grad_norm needs the whole model's gradient, and a pipeline stage holds "
+                "only its own part"
+            )
         self.model, self.optimizer, self.loss_fn, self.ctx = model, optimizer, loss_fn, ctx
+        self.max_grad_norm = max_grad_norm
         self.shard = shard or DataShard(ctx.rank, ctx.world_size)
         self.out_dir = Path(out_dir) if out_dir else None
         self.history: list[EpochMetrics] = []
@@ -76,6 +88,8 @@ class Trainer:
         else:
             loss = self.loss_fn(self.model(x), y)
             loss.backward()
+            if self.max_grad_norm is not None:  # (AllReduce: .grad is already the average)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 

@@ -52,6 +52,8 @@ def test_train_two_workers_one_epoch(tmp_path):
         (["train", "--strategy", "pipeline", "--stages", "2", "--workers", "3"], "stages(2)"),
         (["train", "--strategy", "ps-sync", "--servers", "0"], "needs --servers >= 1"),
         (["train", "--resume", "/no/such/checkpoint.pt"], "no such checkpoint"),
+        (["train", "--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
+        (["train", "--strategy", "pipeline", "--max-grad-norm", "1"], "not available with"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):

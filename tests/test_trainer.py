@@ -206,3 +206,29 @@ def _resume_mismatched(folder: str) -> str:
 def test_checkpoints_that_disagree_on_the_epochs_done_are_refused(tmp_path):
     errors = run_workers(_resume_mismatched, 2, args=(str(tmp_path),), timeout=100)
     assert all("written after 1 to 2 epochs" in e for e in errors), errors
+
+
+def test_max_grad_norm_clips_the_gradient_before_each_step():
+    import copy
+
+    from test_allreduce_api import ctx
+    from torch.nn import functional as F
+
+    import concord
+    from concord.errors import UsageError
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    concord.Trainer(model, opt, F.cross_entropy, ctx(), max_grad_norm=0.01).train_step(x, y)
+    F.cross_entropy(twin(x), y).backward()
+    assert float(torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.01)) > 0.01  # it clipped
+    torch.optim.SGD(twin.parameters(), lr=1.0).step()
+    for got, want in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    stage = torch.nn.Linear(1, 1)
+    stage.train_batch = lambda *args: 0.0  # a pipeline stage runs its own schedule
+    with pytest.raises(UsageError, match="a pipeline stage holds only its own part"):
+        concord.Trainer(stage, opt, F.cross_entropy, ctx(), max_grad_norm=1.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ WORKER_OPTIONS = (
     "engine",
     "max_staleness",
     "backup_workers",
+    "max_grad_norm",
     "stages",
     "microbatches",
     "schedule",
@@ -64,6 +66,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--max-staleness", type=int, default=None, help="ps-async: bound on version lead")
     add("--backup-workers", type=int, default=0, help="ps-sync: gradients not waited for")
+    add(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help="clip the gradient to this norm before each step (ps-sync: the average, on the "
+        "servers; ps-async*: each worker's own; not for pipeline)",
+    )
     add("--stages", type=int, default=3, help="pipeline stages P")
     add("--microbatches", type=int, default=4, help="pipeline micro-batches M")
     add("--schedule", default="1f1b", choices=("gpipe", "1f1b"))
@@ -120,6 +129,13 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.lr <= 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf:
+        raise UsageError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
+    if args.max_grad_norm is not None and args.strategy == "pipeline":
+        raise UsageError(
+            "--max-grad-norm is not available with --strategy pipeline (each stage holds part of "
+            "the model, so no stage sees the whole gradient's norm)"
+        )
     if args.strategy.startswith("ps-") and args.servers < 1:
         raise UsageError(f"--strategy {args.strategy} needs --servers >= 1, got {args.servers}")
     if args.resume is not None:

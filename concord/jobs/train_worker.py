@@ -33,8 +33,10 @@ def build_strategy(args: argparse.Namespace) -> Strategy:
 
         mode = "sync" if args.strategy == "ps-sync" else "async"
         push = "delta" if args.strategy == "ps-async-delta" else "grad"
-        if mode == "sync":
-            return ParameterServer(mode="sync", backup_workers=args.backup_workers)
+        if mode == "sync":  # the servers clip the averaged gradient
+            return ParameterServer(
+                mode="sync", backup_workers=args.backup_workers, max_grad_norm=args.max_grad_norm
+            )
         return ParameterServer(mode="async", push=push, max_staleness=args.max_staleness)
     if args.strategy == "pipeline":
         from concord.strategies.pipeline import Pipeline
@@ -68,7 +70,10 @@ def run(args: argparse.Namespace) -> None:
         args.data, rank=shard.rank, world=shard.world, batch_size=args.batch_size, seed=args.seed
     )
     test = loader(mnist("test"), 1000, rank=shard.rank, world=shard.world, shuffle=False)
-    trainer = Trainer(model, opt, nn.functional.cross_entropy, ctx, shard, out_dir=args.out)
+    clip = None if args.strategy == "ps-sync" else args.max_grad_norm  # (ps-sync: the servers)
+    trainer = Trainer(
+        model, opt, nn.functional.cross_entropy, ctx, shard, out_dir=args.out, max_grad_norm=clip
+    )
     start = trainer.resume_latest()  # a restart (--max-restarts) goes on from its checkpoint
     if args.resume and not start:
         start = trainer.resume(args.resume)

@@ -19,9 +19,9 @@ parameters and optimizer state from a checkpoint, before the first step; other w
 for it) and ``goodbye``. Every ``push``/``pull``/``register``/``load_state`` is answered with
 ``params`` (step = the shard version; one tensor per pack).
 
-Log lines: ``stats: version=.. pushes=.. dropped=.. staleness={..} lead={..}`` every 30 s and
-at exit; ``lost worker N`` when a worker stops talking for the timeout; ``rejected`` for bad
-messages (they get an error reply; the server keeps serving).
+Log lines: ``stats: version=.. pushes=.. dropped=.. clipped=.. staleness={..} lead={..}``
+every 30 s and at exit; ``lost worker N`` when a worker stops talking for the timeout;
+``rejected`` for bad messages (they get an error reply; the server keeps serving).
 """
 
 from __future__ import annotations
@@ -481,12 +481,13 @@ class ShardServer:
     def log_stats(self) -> None:
         s = self.stats()
         log.info(
-            "server %d stats: version=%d pushes=%d dropped=%d staleness=%s lead=%s "
+            "server %d stats: version=%d pushes=%d dropped=%d clipped=%d staleness=%s lead=%s "
             "in=%.1fMB out=%.1fMB rejected=%s lost=%s",
             self.rank,
             s["version"],
             s["pushes"],
             s["dropped"],
+            s["clipped"],
             s["staleness"],
             s["lead"],
             s["bytes_in"] / 1e6,
