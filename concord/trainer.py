@@ -72,6 +72,13 @@ class Trainer:
                 "max_grad_norm needs the whole model's gradient, and a pipeline stage holds "
                 "only its own part"
             )
+        if max_grad_norm is not None and getattr(optimizer, "strategy", None) is not None:
+            if getattr(optimizer.strategy, "mode", None) == "sync":  # a sync parameter server
+                raise UsageError(
+                    "with ParameterServer(mode='sync') the workers' gradients are averaged on "
+                    "the servers: clip there with ParameterServer(max_grad_norm=...), not in "
+                    "the Trainer (which would clip each worker's own gradient)"
+                )
         self.model, self.optimizer, self.loss_fn, self.ctx = model, optimizer, loss_fn, ctx
         self.max_grad_norm = max_grad_norm
         self.shard = shard or DataShard(ctx.rank, ctx.world_size)

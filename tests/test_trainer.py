@@ -210,6 +210,7 @@ def test_checkpoints_that_disagree_on_the_epochs_done_are_refused(tmp_path):
 
 def test_max_grad_norm_clips_the_gradient_before_each_step():
     import copy
+    from types import SimpleNamespace
 
     from test_allreduce_api import ctx
     from torch.nn import functional as F
@@ -232,3 +233,6 @@ def test_max_grad_norm_clips_the_gradient_before_each_step():
     stage.train_batch = lambda *args: 0.0  # a pipeline stage runs its own schedule
     with pytest.raises(UsageError, match="a pipeline stage holds only its own part"):
         concord.Trainer(stage, opt, F.cross_entropy, ctx(), max_grad_norm=1.0)
+    ps_sync = SimpleNamespace(strategy=concord.ParameterServer(mode="sync"))
+    with pytest.raises(UsageError, match=r"clip there with ParameterServer\(max_grad_norm"):
+        concord.Trainer(model, ps_sync, F.cross_entropy, ctx(), max_grad_norm=1.0)
