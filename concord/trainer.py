@@ -25,6 +25,7 @@ from concord.comm.runtime import Context
 from concord.errors import ConcordError, UsageError
 from concord.progress import progress
 from concord.strategies.base import DataShard
+from concord.strategies.ps.config import ParameterServer
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -72,13 +73,14 @@ class Trainer:
                 "max_grad_norm needs the whole model's gradient, and a pipeline stage holds "
                 "only its own part"
             )
-        if max_grad_norm is not None and getattr(optimizer, "strategy", None) is not None:
-            if getattr(optimizer.strategy, "mode", None) == "sync":  # a sync parameter server
-                raise UsageError(
-                    "with ParameterServer(mode='sync') the workers' gradients are averaged on "
-                    "the servers: clip there with ParameterServer(max_grad_norm=...), not in "
-                    "the Trainer (which would clip each worker's own gradient)"
-                )
+        strategy = getattr(optimizer, "strategy", None)
+        sync_ps = isinstance(strategy, ParameterServer) and strategy.mode == "sync"
+        if max_grad_norm is not None and sync_ps:
+            raise UsageError(
+                "with ParameterServer(mode='sync') the workers' gradients are averaged on the "
+                "servers: clip there with ParameterServer(max_grad_norm=...), not in the "
+                "Trainer (which would clip each worker's own gradient)"
+            )
         self.model, self.optimizer, self.loss_fn, self.ctx = model, optimizer, loss_fn, ctx
         self.max_grad_norm = max_grad_norm
         self.shard = shard or DataShard(ctx.rank, ctx.world_size)

@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> None:
         args.data, rank=shard.rank, world=shard.world, batch_size=args.batch_size, seed=args.seed
     )
     test = loader(mnist("test"), 1000, rank=shard.rank, world=shard.world, shuffle=False)
-    clip = None if args.strategy == "ps-sync" else args.max_grad_norm  # (ps-sync: the servers)
+    # a strategy that clips (sync parameter servers: the average, on the servers) does it alone
+    clip = None if getattr(strategy, "max_grad_norm", None) else args.max_grad_norm
     trainer = Trainer(
         model, opt, nn.functional.cross_entropy, ctx, shard, out_dir=args.out, max_grad_norm=clip
     )
