@@ -56,7 +56,8 @@ class Trainer:
     ``max_grad_norm``: clip each step's gradient to that norm after backward, as
     ``clip_grad_norm_`` does (with AllReduce the gradient is already the workers' average; for
     sync parameter servers use ``ParameterServer(max_grad_norm=...)`` instead, which clips the
-    average on the servers)."""
+    average on the servers, and for a pipeline ``Pipeline(max_grad_norm=...)``, which adds up the
+    stages' norms)."""
 
     def __init__(
         self,
@@ -71,7 +72,8 @@ class Trainer:
         if max_grad_norm is not None and hasattr(model, "train_batch"):
             raise UsageError(
                 "max_grad_norm needs the whole model's gradient, and a pipeline stage holds "
-                "only its own part"
+                "only its own part: clip with Pipeline(max_grad_norm=...), which adds up every "
+                "stage's norm"
             )
         strategy = getattr(optimizer, "strategy", None)
         sync_ps = isinstance(strategy, ParameterServer) and strategy.mode == "sync"

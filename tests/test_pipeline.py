@@ -132,6 +132,71 @@ def test_hybrid_two_replicas_of_two_stages_match_unsplit_model():
             assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+CLIP = 0.44  # the whole gradient's norm is 0.459, 0.409, 0.507, 0.463, 0.424: 3 of 5 clip
+
+
+def _clipped_reference(n: int, steps: int) -> tuple[dict, list[float]]:
+    """The unsplit model trained ``steps`` steps with ``clip_grad_norm_(CLIP)``: its parameters
+    and the norm ``clip_grad_norm_`` returned at each step."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    norms = []
+    for step in range(steps):
+        x, y = _batch(n, 10 + step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        opt.step()
+    return {k: p.detach().clone() for k, p in model.named_parameters()}, norms
+
+
+def _clipped_pipeline(stages: int, replicas: int, n: int, steps: int, config: tuple) -> dict:
+    """This stage's parameters after ``steps`` steps of ``Pipeline(max_grad_norm=CLIP)``, the
+    norm its optimizer saw at each step, and how many steps it clipped."""
+    import concord
+
+    ctx = concord.init(timeout=30)
+    schedule, m, split = config
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    strategy = concord.Pipeline(stages, m, schedule, split, replicas, max_grad_norm=CLIP)
+    stage, sopt = strategy.distribute(model, opt, ctx)
+    shard = strategy.data_shard(ctx)
+    norms = []
+    for step in range(steps):
+        x, y = _batch(n, 10 + step)
+        sopt.zero_grad()
+        stage.train_batch(
+            x[shard.rank :: shard.world], y[shard.rank :: shard.world], F.cross_entropy
+        )
+        sopt.step()
+        norms.append(sopt.last_grad_norm)
+    params = {k: p.detach().clone() for k, p in stage.named_parameters()}
+    return {"params": params, "norms": norms, "clipped": sopt.clipped}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "stages, replicas, config",
+    [(3, 1, ("1f1b", 4, [1, 2])), (2, 2, ("gpipe", 2, None))],  # [1, 2]: stage 1 has no weights
+)
+def test_max_grad_norm_clips_as_one_process_clips_the_whole_model(stages, replicas, config):
+    n, steps = 12, 5
+    ref_params, ref_norms = _clipped_reference(n, steps)
+    per_rank = run_workers(
+        _clipped_pipeline, stages * replicas, args=(stages, replicas, n, steps, config), timeout=100
+    )
+    seen = set()
+    for got in per_rank:
+        # every stage of every replica saw the whole model's norm and clipped the same 3 steps
+        assert got["norms"] == pytest.approx(ref_norms, rel=1e-5)
+        assert got["clipped"] == sum(norm > CLIP for norm in ref_norms) == 3
+        for key, value in got["params"].items():
+            torch.testing.assert_close(value, ref_params[key], **TOL)
+        seen |= set(got["params"])
+    assert seen == set(ref_params)
+
+
 class _Bomb(nn.Module):
     """Identity, except that the process dies (``die``) or stalls (``stall``) on first use."""
 

@@ -37,6 +37,10 @@ def test_validation_names_the_bad_value():
         Pipeline(stages=3, split=[2])
     with pytest.raises(UsageError, match="split='layers'"):
         Pipeline(split="layers")
+    with pytest.raises(UsageError, match=r"Pipeline\(max_grad_norm\) must be positive"):
+        Pipeline(max_grad_norm=0.0)
+    with pytest.raises(TypeError, match=r"Pipeline\(max_grad_norm\) must be a number"):
+        Pipeline(max_grad_norm="1")
     assert Pipeline(stages=3, split=[3, 5]).split == (3, 5)  # a list becomes a tuple
     hash(Pipeline(stages=3, split=[3, 5]))  # frozen and hashable
 

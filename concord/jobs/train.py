@@ -71,7 +71,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="clip the gradient to this norm before each step (ps-sync: the average, on the "
-        "servers; ps-async*: each worker's own; not for pipeline)",
+        "servers; ps-async*: each worker's own; pipeline: the whole model's, over all stages)",
     )
     add("--stages", type=int, default=3, help="pipeline stages P")
     add("--microbatches", type=int, default=4, help="pipeline micro-batches M")
@@ -131,11 +131,6 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf:
         raise UsageError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
-    if args.max_grad_norm is not None and args.strategy == "pipeline":
-        raise UsageError(
-            "--max-grad-norm is not available with --strategy pipeline (each stage holds part of "
-            "the model, so no stage sees the whole gradient's norm)"
-        )
     if args.strategy.startswith("ps-") and args.servers < 1:
         raise UsageError(f"--strategy {args.strategy} needs --servers >= 1, got {args.servers}")
     if args.resume is not None:

@@ -53,6 +53,7 @@ def build_strategy(args: argparse.Namespace) -> Strategy:
             split=split,
             replicas=args.replicas,
             sample_shape=(1, 28, 28),  # MNIST: lets split="time" measure a CNN's layers
+            max_grad_norm=args.max_grad_norm,  # the stages add up their parts of the norm
         )
     raise UsageError(f"unknown strategy {args.strategy!r}")
 
@@ -70,7 +71,8 @@ def run(args: argparse.Namespace) -> None:
         args.data, rank=shard.rank, world=shard.world, batch_size=args.batch_size, seed=args.seed
     )
     test = loader(mnist("test"), 1000, rank=shard.rank, world=shard.world, shuffle=False)
-    # a strategy that clips (sync parameter servers: the average, on the servers) does it alone
+    # a strategy that clips (sync parameter servers on the servers, pipeline across the stages)
+    # does it alone
     clip = None if getattr(strategy, "max_grad_norm", None) else args.max_grad_norm
     trainer = Trainer(
         model, opt, nn.functional.cross_entropy, ctx, shard, out_dir=args.out, max_grad_norm=clip

@@ -7,6 +7,7 @@ the torch.optim surface by composition and adds ``synchronize()``.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -28,6 +29,16 @@ def model_device(params: list[torch.Tensor]) -> torch.device:
             f"are on {devices}; move the whole model first: model.to(ctx.device)"
         )
     return params[0].device if params else torch.device("cpu")
+
+
+def positive_or_none(name: str, value: Any) -> None:
+    """Check an optional setting such as ``max_grad_norm``: None, or a positive finite number."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number or None, got {value!r}")
+    if not 0 < value < math.inf:
+        raise UsageError(f"{name} must be positive and finite, got {value}")
 
 
 class Distributed(NamedTuple):

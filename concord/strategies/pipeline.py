@@ -17,6 +17,13 @@ is inference: the output comes back to every stage of the replica.
 Activations and their gradients travel by ``torch.distributed`` isend/irecv (gloo on CPU),
 each activation after a small shape header; every wait has the job timeout, and a stage that
 dies or stalls makes its neighbours raise ``PeerTimeoutError`` naming its stage and rank.
+
+``max_grad_norm=c`` clips the gradient by its norm over the whole model, as
+``clip_grad_norm_(model.parameters(), c)`` does in one process: in ``opt.step()``, after the
+replicas' average, every rank adds its stage's squared gradient norm into one all_reduce over
+the job (each stage's part counted once per replica), and every stage scales its gradients by
+the same coefficient. No stage holds the whole gradient, so clipping one stage alone (or in
+the ``Trainer``) would not equal it.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from torch import nn
 
 from concord.algorithms import schedules as sched
 from concord.algorithms.partition import Split, balanced_split, explicit_split
+from concord.algorithms.ps_rules import clip_coefficient
 from concord.errors import PeerTimeoutError, UsageError
 from concord.strategies.allreduce import broadcast_state
 from concord.strategies.base import (
@@ -43,6 +51,7 @@ from concord.strategies.base import (
     DistributedOptimizer,
     Strategy,
     model_device,
+    positive_or_none,
 )
 from concord.strategies.pipeline_runtime import (
     PipelineStage,
@@ -65,7 +74,8 @@ class Pipeline(Strategy):
     ``split``: None or ``"params"`` (balance parameter counts), ``"time"`` (balance the
     forward+backward time measured on rank 0 on a batch of 32 samples shaped ``sample_shape``,
     inferred when the first layer with weights is ``nn.Linear``), or the P-1 indices of the
-    first layer of stages 1..P-1.
+    first layer of stages 1..P-1. ``max_grad_norm``: clip each step's gradient to that norm over
+    the whole model (all stages), as ``clip_grad_norm_`` does in one process.
     """
 
     stages: int = 2
@@ -74,6 +84,7 @@ class Pipeline(Strategy):
     split: str | tuple[int, ...] | None = None
     replicas: int = 1
     sample_shape: tuple[int, ...] | None = None
+    max_grad_norm: float | None = None
 
     name = "pipeline"
 
@@ -98,6 +109,7 @@ class Pipeline(Strategy):
                 f"Pipeline(split={self.split!r}): use None, 'params', 'time' or a list of "
                 f"{self.stages - 1} layer indices"
             )
+        positive_or_none("Pipeline(max_grad_norm)", self.max_grad_norm)
         if self.sample_shape is not None:
             object.__setattr__(self, "sample_shape", tuple(int(d) for d in self.sample_shape))
 
@@ -130,7 +142,10 @@ class Pipeline(Strategy):
         stage = PipelineStage(mine, place, self.microbatches, self.schedule, link)
         local_opt = restrict_optimizer(optimizer, list(stage.parameters()))
         group = _stage_groups(place, ctx.timeout)
-        return Distributed(stage, PipelineOptimizer(local_opt, place, group, ctx.timeout))
+        pipe_opt = PipelineOptimizer(
+            local_opt, place, group, ctx.timeout, self.max_grad_norm, link.device
+        )
+        return Distributed(stage, pipe_opt)
 
     def plan(self, layers: Sequence[tuple[str, nn.Module]], ctx: Context | None = None) -> Split:
         """The stage split of ``layers`` (the same on every rank)."""
@@ -263,44 +278,86 @@ def _stage_groups(place: StagePlace, timeout: float) -> Any:
 
 
 class PipelineOptimizer(DistributedOptimizer):
-    """This stage's optimizer; with replicas, ``step()`` first averages the stage's gradients."""
+    """This stage's optimizer; ``step()`` first averages the stage's gradients over the
+    replicas, then (``max_grad_norm``) clips them by the whole model's gradient norm.
+
+    ``last_grad_norm``: that norm at the last step (None without ``max_grad_norm``), what
+    ``clip_grad_norm_`` returns; ``clipped``: how many steps it scaled.
+    """
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, place: StagePlace, group: Any, timeout: float
+        self,
+        optimizer: torch.optim.Optimizer,
+        place: StagePlace,
+        group: Any,
+        timeout: float,
+        max_grad_norm: float | None = None,
+        device: torch.device | None = None,
     ) -> None:
         super().__init__(optimizer)
         self.place = place
         self.group = group
         self.timeout = timeout
+        self.max_grad_norm = max_grad_norm
+        self.device = device or torch.device("cpu")
+        self.last_grad_norm: float | None = None
+        self.clipped = 0
+
+    def _params(self) -> list[nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def synchronize(self) -> None:
-        if self.place.replicas == 1:
-            return
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.place.replicas > 1:
+            self._average_replicas()
+        if self.max_grad_norm is not None:
+            self._clip(self.max_grad_norm)
+
+    def _all_reduce(self, flat: torch.Tensor, group: Any, ranks: list[int], what: str) -> None:
+        """Sum ``flat`` over ``group`` in place, within the job timeout."""
+        work = dist.all_reduce(flat, group=group, async_op=True)
+        try:
+            work.wait(timeout=timedelta(seconds=self.timeout))
+        except RuntimeError as exc:
+            raise PeerTimeoutError(
+                f"pipeline stage {self.place.stage} (rank {self.place.rank}): {what} (ranks "
+                f"{ranks}) failed within {self.timeout:g}s: {first_line(exc)}"
+            ) from None
+
+    def _average_replicas(self) -> None:
         by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-        for p in params:
+        for p in self._params():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             by_dtype.setdefault(p.grad.dtype, []).append(p)
+        ranks = [r * self.place.stages + self.place.stage for r in range(self.place.replicas)]
         for group in by_dtype.values():
             flat = torch.cat([p.grad.reshape(-1) for p in group])
-            work = dist.all_reduce(flat, group=self.group, async_op=True)
-            try:
-                work.wait(timeout=timedelta(seconds=self.timeout))
-            except RuntimeError as exc:
-                ranks = [
-                    r * self.place.stages + self.place.stage for r in range(self.place.replicas)
-                ]
-                raise PeerTimeoutError(
-                    f"pipeline stage {self.place.stage} (rank {self.place.rank}): averaging "
-                    f"gradients with the same stage of the other replicas (ranks {ranks}) "
-                    f"failed within {self.timeout:g}s: {first_line(exc)}"
-                ) from None
+            what = "averaging gradients with the same stage of the other replicas"
+            self._all_reduce(flat, self.group, ranks, what)
             flat /= self.place.replicas
             offset = 0
             for p in group:
                 p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
                 offset += p.numel()
+
+    def _clip(self, max_norm: float) -> None:
+        """Scale every stage's gradients by ``clip_grad_norm_``'s coefficient for the whole
+        model: one all_reduce of the stages' squared norms (each replica adds the same part)."""
+        grads = [p.grad for p in self._params() if p.grad is not None]
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if grads:  # float32 norms, as clip_grad_norm_ computes them
+            norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+            total += torch.linalg.vector_norm(norms).double() ** 2
+        world = self.place.stages * self.place.replicas
+        what = "adding up the gradient norm of every stage (max_grad_norm)"
+        self._all_reduce(total, None, list(range(world)), what)
+        sum_of_squares = float(total) / self.place.replicas
+        self.last_grad_norm = sum_of_squares**0.5
+        scale = clip_coefficient([sum_of_squares], max_norm)
+        if scale < 1.0:
+            self.clipped += 1
+            for grad in grads:
+                grad.mul_(scale)
 
 
 __all__ = [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from concord.errors import UsageError
-from concord.strategies.base import Distributed, Strategy
+from concord.strategies.base import Distributed, Strategy, positive_or_none
 
 if TYPE_CHECKING:
     from concord.comm.runtime import Context
@@ -26,15 +25,6 @@ def _int_or_none(name: str, value: Any, low: int) -> None:
         raise TypeError(f"{name} must be an int or None, got {value!r}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
-def _positive_or_none(name: str, value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number or None, got {value!r}")
-    if not 0 < value < math.inf:
-        raise ValueError(f"{name} must be positive and finite, got {value}")
 
 
 @dataclass(frozen=True)
@@ -95,7 +85,7 @@ class ParameterServer(Strategy):
             raise ValueError(
                 "max_staleness applies to mode='async'; sync mode is already max_staleness=0"
             )
-        _positive_or_none("max_grad_norm", self.max_grad_norm)
+        positive_or_none("max_grad_norm", self.max_grad_norm)
         if self.mode == "async" and self.max_grad_norm is not None:
             raise ValueError(
                 "max_grad_norm applies to mode='sync' (async applies each worker's gradient as "
