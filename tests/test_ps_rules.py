@@ -30,8 +30,8 @@ from concord.comm.wire import Message, WireError
 from concord.errors import PeerTimeoutError, UsageError
 from concord.strategies.ps import ParameterServer
 from concord.strategies.ps.norms import NormExchange
-from concord.strategies.ps.server import ShardServer
 from concord.strategies.ps.shard import Shard, piece_meta
+from concord.strategies.ps.shard_server import ShardServer
 
 
 def _info(name: str, numel: int, group: int = 0) -> ParamInfo:

@@ -2,7 +2,7 @@
 the global-norm clipping coefficient.
 
 The first two are plain state machines over tensors and worker ids; the server process
-(:mod:`concord.strategies.ps.server`) feeds them messages and sends what they decide.
+(:mod:`concord.strategies.ps.shard_server`) feeds them messages and sends what they decide.
 """
 
 from __future__ import annotations
