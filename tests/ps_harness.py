@@ -67,16 +67,20 @@ def run_ps_job(
     ranks: list[int] | None = None,
     victims: dict[int, tuple] | None = None,
     grace: float = 15.0,
+    on_servers: Callable[[list[subprocess.Popen]], None] | None = None,
 ) -> PSJob:
     """Run ``fn`` on workers (``ranks``, default all) next to ``servers`` servers.
 
     ``victims`` maps extra worker ranks to their args: they run ``fn`` in processes whose
     result is ignored (they are expected to die). ``server_timeout`` becomes
-    CONCORD_TIMEOUT of the servers.
+    CONCORD_TIMEOUT of the servers. ``on_servers(procs)`` sees the server processes once
+    they are started (e.g. to kill one mid-run).
     """
     env = job_env(workers, servers=servers) | {"CONCORD_TIMEOUT": str(server_timeout)}
     with tempfile.TemporaryDirectory() as log_dir:
         procs = start_servers(env, servers, log_dir)
+        if on_servers is not None:
+            on_servers(procs)
         extra, victim_results = [], _CTX.Queue()  # the queue must outlive the children
         for rank, vargs in (victims or {}).items():
             child_env = env | {"RANK": str(rank), "LOCAL_RANK": str(rank), "CONCORD_ROLE": "worker"}

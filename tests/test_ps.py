@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -358,6 +359,54 @@ def _sync_survivor(strategy_kwargs: dict) -> str:
         return str(exc)
     opt.close()
     return "finished"
+
+
+@pytest.mark.timeout(120)
+def test_killed_server_makes_every_worker_fail_naming_it(tmp_path):
+    flag = tmp_path / "three-steps-done"
+
+    def kill_server_1_after_three_steps(procs) -> None:
+        def watch() -> None:
+            deadline = time.monotonic() + 90
+            while not flag.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            procs[1].kill()
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    job = run_ps_job(
+        _server_victim, 2, 2, args=(str(flag),), on_servers=kill_server_1_after_three_steps,
+        grace=1.0,
+    )  # fmt: skip
+    for steps, message in job.results:
+        assert steps >= 3, message  # it died mid-run, not before the first step
+        # (a reply may take 2 x timeout + 5s: a sync round itself waits up to the timeout)
+        assert "server 1 at tcp://" in message and "did not answer within 11s" in message, message
+    assert job.server_codes[1] == -signal.SIGKILL
+
+
+def _server_victim(flag: str) -> tuple[int, str]:
+    """Train until a server stops answering (the test kills server 1 after step 3); returns
+    the steps done and the error."""
+    import dataclasses
+    import pathlib
+
+    import concord
+
+    ctx = dataclasses.replace(concord.init(timeout=60), timeout=3.0)  # rendezvous at 60s
+    model = BranchNet()
+    opt = _optimizer("sgd", model)
+    model, opt = concord.distribute(model, opt, concord.ParameterServer(), ctx=ctx)
+    deadline, steps = time.monotonic() + 60, 0
+    try:
+        while time.monotonic() < deadline:
+            _train(model, opt, ctx.rank, ctx.world_size, steps=1)
+            steps += 1
+            if steps == 3 and ctx.rank == 0:
+                pathlib.Path(flag).touch()
+    except concord.PeerTimeoutError as exc:
+        return steps, str(exc)
+    return steps, "no error within 60s"
 
 
 def _mismatched_worker() -> str:
