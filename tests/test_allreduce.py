@@ -1,7 +1,8 @@
 """AllReduce end to end in real worker processes: both engines against one process.
 
 Covers: equivalence (tied layer, frozen parameter, a branch used by none/some/all workers),
-gradient accumulation (no_sync, or every backward reduced), compression (fp16, bf16,
+gradient accumulation (no_sync, or every backward reduced), loss scaling (torch.amp's
+GradScaler, an overflow on one worker), compression (fp16, bf16,
 PowerSGD), the replica check, the shm ring against torch all_reduce (N = 2, 3, 4), and a
 silent or dead ring neighbour.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ from multiproc import run_workers
 from torch import nn
 
 STEPS, BATCH = 20, 4  # per-worker batch
+INF_STEP = 6  # the loss-scaling test's overflow
 ENGINES = ("torch", "ring")
 
 
@@ -65,10 +68,12 @@ def batch(step: int, world: int, gen: torch.Generator):
     return x, y, flags
 
 
-def train(model, opt, rank: int, world: int, micro: int = 1, no_sync: bool = True):
+def train(model, opt, rank: int, world: int, micro: int = 1, no_sync: bool = True, scaler=None):
     """STEPS steps; with micro > 1, accumulate micro batches (all but the last in no_sync).
 
     ``rank=None``: the plain model on the whole global batch (the one-process reference).
+    ``scaler``: a ``torch.amp.GradScaler`` scales the loss and steps; at ``INF_STEP`` the
+    loss of the last worker (and of the reference) overflows.
     """
     plain = model if rank is None else model.module
     gen = torch.Generator().manual_seed(1)
@@ -82,8 +87,16 @@ def train(model, opt, rank: int, world: int, micro: int = 1, no_sync: bool = Tru
             local = rank is not None and no_sync and m < micro - 1
             with model.no_sync() if local else contextlib.nullcontext():
                 loss = nn.functional.cross_entropy(model(x, flags), y) / micro
+                if scaler is not None:
+                    if step == INF_STEP and rank in (None, world - 1):
+                        loss = loss * math.inf  # one worker overflows: every worker must skip
+                    loss = scaler.scale(loss)
                 loss.backward()
-        opt.step()
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)  # unscales .grad, the workers' average, and checks it for inf
+            scaler.update()
         unused.append(plain.branch.weight.grad is None)
     return [p.detach().clone() for p in plain.parameters()], unused
 
@@ -99,6 +112,19 @@ def make(seed: int = 0):
 def reference(world: int, micro: int = 1):
     """One process on the global batch (BATCH * world rows per micro step)."""
     return train(*make(), rank=None, world=world, micro=micro)
+
+
+def scaler():
+    """Loss scaling as with fp16 on a GPU (the CPU scaler runs the same checks): the scale
+    doubles after 4 finite steps and halves when a step overflows."""
+    return torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=4)
+
+
+@functools.cache
+def reference_amp(world: int):
+    """One process with a loss scaler; its final scale."""
+    loss_scaler = scaler()
+    return (*train(*make(), rank=None, world=world, scaler=loss_scaler), loss_scaler.get_scale())
 
 
 def _worker(world: int) -> dict:
@@ -120,6 +146,13 @@ def _worker(world: int) -> dict:
         model.close()
         model, opt = concord.distribute(*make(seed=ctx.rank), strategy)
         out[engine, "backward_twice"] = train(model, opt, ctx.rank, world, micro=3, no_sync=False)
+        model.close()
+        loss_scaler = scaler()
+        model, opt = concord.distribute(*make(seed=ctx.rank), concord.AllReduce(engine=engine))
+        out[engine, "amp"] = (
+            *train(model, opt, ctx.rank, world, scaler=loss_scaler),
+            loss_scaler.get_scale(),
+        )
         model.close()
         for compression in ("fp16", "bf16", concord.PowerSGD(rank=1)):
             strategy = concord.AllReduce(engine=engine, compression=compression)
@@ -220,6 +253,21 @@ def test_gradient_accumulation_matches_bigger_batch(job, engine, how):
         params, unused = res[engine, how]
         assert unused == want_unused
         for got, ref in zip(params, want):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_loss_scaler_skips_an_overflow_on_every_worker_as_one_process(job, engine):
+    """``torch.amp.GradScaler`` as with DDP: .grad is the average when backward returns, so an
+    overflow on one worker is seen by all, every worker skips that step, scales agree."""
+    world, results = job
+    want, want_unused, want_scale = reference_amp(world)
+    assert want_scale == 2048.0  # 256 grew 4 times (every 4 finite steps), halved at INF_STEP
+    for res in results:
+        params, unused, scale = res[engine, "amp"]
+        assert scale == want_scale and unused == want_unused
+        for got, ref in zip(params, want):  # no NaN: the overflowing step was skipped
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 

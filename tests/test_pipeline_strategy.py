@@ -119,3 +119,19 @@ def test_one_stage_microbatches_equal_the_full_batch(schedule, m):
         stage(x)  # training mode with grad enabled: inference only
     with torch.no_grad():
         assert torch.equal(stage(x), ref(x))
+
+
+def test_a_loss_scaler_is_refused_with_the_bf16_alternative():
+    from concord.strategies.pipeline import PipelineOptimizer
+    from concord.strategies.pipeline_runtime import StagePlace
+
+    model = nn.Linear(3, 2)
+    opt = PipelineOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), StagePlace(0, 0, 1, 1), None, 10.0
+    )
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(torch.randn(4, 3)).sum()).backward()
+    before = model.weight.detach().clone()
+    with pytest.raises(UsageError, match="use torch.autocast with dtype=torch.bfloat16"):
+        scaler.step(opt)
+    assert torch.equal(model.weight, before)  # refused before anything changed

@@ -8,6 +8,7 @@ mean over N*b samples; the results differ only by float32 rounding of the sums.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -25,6 +26,7 @@ from concord.comm.local import local_sockets_available
 STEPS = 6
 GLOBAL_BATCH = 16
 CLIP = 0.3  # the global batch's gradient norm is 0.2-0.55 in the first steps
+OVERFLOW_STEP = 2  # the loss-scaling test: the last worker's loss overflows at this step
 
 
 class BranchNet(nn.Module):
@@ -58,11 +60,14 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _train(model, opt, rank, world, steps=STEPS, workers=None, after_step=None, clip=None) -> int:
+def _train(
+    model, opt, rank, world, steps=STEPS, workers=None, after_step=None, clip=None, scaler=None
+) -> int:
     """Worker ``rank`` trains on its slice of each global batch. With ``workers`` (one
     process standing in for them) the loss is the mean of those workers' slice losses.
     Batches go to the model's device. With ``clip``, gradients are clipped to that norm
-    before each step; returns the number of steps that clipping scaled."""
+    before each step; returns the number of steps that clipping scaled. With ``scaler`` (a
+    GradScaler), the loss is scaled and the last rank's overflows at ``OVERFLOW_STEP``."""
     device = next(model.parameters()).device
     clipped = 0
     for step in range(steps):
@@ -70,10 +75,19 @@ def _train(model, opt, rank, world, steps=STEPS, workers=None, after_step=None, 
         slices = [torch.arange(w, GLOBAL_BATCH, world) for w in (workers or [rank])]
         opt.zero_grad()
         losses = [F.cross_entropy(model(x[i], step % 3 == 0), y[i]) for i in slices]
-        (sum(losses) / len(losses)).backward()
+        loss = sum(losses) / len(losses)
+        if scaler is not None:
+            if step == OVERFLOW_STEP and rank == world - 1:
+                loss = loss * math.inf
+            loss = scaler.scale(loss)
+        loss.backward()
         if clip is not None:
             clipped += float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)) > clip
-        opt.step()
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
         if after_step is not None:
             after_step(step)
     return clipped
@@ -157,6 +171,48 @@ def test_max_grad_norm_clips_the_average_as_one_process_clips_the_global_batch(s
         for got, want in zip(params, model.parameters()):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert [s["clipped"] for s in stats] == [clipped] * servers
+
+
+def _scaler():
+    return torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=4)
+
+
+def _scaled_worker(overlap: bool = False):
+    import concord
+
+    ctx = concord.init(timeout=60)
+    torch.manual_seed(0 if ctx.rank == 0 else ctx.rank + 7)
+    model = BranchNet()
+    opt = _optimizer("adam", model)
+    model, opt = concord.distribute(model, opt, concord.ParameterServer(overlap=overlap))
+    scaler = _scaler()
+    try:
+        _train(model, opt, ctx.rank, ctx.world_size, scaler=scaler)
+    except concord.UsageError as exc:
+        return str(exc)
+    stats = opt.server_stats()
+    opt.close()
+    return [p.detach().clone() for p in model.parameters()], stats, scaler.get_scale()
+
+
+@pytest.mark.timeout(150)
+def test_loss_scaler_overflow_on_one_worker_skips_the_round_as_one_process_skips_the_step():
+    """torch.amp.GradScaler: each worker unscales its own gradient; a round in which any
+    worker overflowed is skipped on every server (Adam's step count included)."""
+    job = run_ps_job(_scaled_worker, 2, 2)
+    torch.manual_seed(0)
+    model = BranchNet()
+    scaler = _scaler()
+    _train(model, _optimizer("adam", model), 0, 1, scaler=scaler)
+    assert scaler.get_scale() == 128.0  # halved at the overflow, not yet grown back
+    for rank, (params, stats, scale) in enumerate(job.results):
+        for got, want in zip(params, model.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # no NaN
+        assert [(s["version"], s["skipped"]) for s in stats] == [(STEPS, 1)] * 2
+        # each worker's scale follows its own overflows (worker 0 had none: grew once)
+        assert scale == (128.0 if rank == 1 else 512.0)
+    errors = run_ps_job(_scaled_worker, 2, 1, args=(True,)).results
+    assert all("use overlap=False with torch.amp.GradScaler" in e for e in errors), errors
 
 
 @pytest.mark.timeout(120)

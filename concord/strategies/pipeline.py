@@ -303,6 +303,20 @@ class PipelineOptimizer(DistributedOptimizer):
         self.last_grad_norm: float | None = None
         self.clipped = 0
 
+    # torch.amp.GradScaler.step(opt) then calls step() with ``found_inf`` set, refused there:
+    # the last stage's scale scales every stage's gradients, while each stage's scaler would
+    # back off on its own overflows only
+    _step_supports_amp_scaling = True
+
+    def step(self, closure: Any = None) -> Any:
+        if getattr(self, "found_inf", None) is not None:
+            raise UsageError(
+                "Pipeline does not take a torch.amp.GradScaler (train_batch runs backward "
+                "itself, and the stages' scalers could not agree on the scale); use "
+                "torch.autocast with dtype=torch.bfloat16, which needs no loss scaling"
+            )
+        return super().step(closure)
+
     def _params(self) -> list[nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 

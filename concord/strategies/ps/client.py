@@ -181,7 +181,7 @@ class PSOptimizer(DistributedOptimizer):
         delta = self.strategy.push == "delta"
         if delta:
             self.optimizer.step()
-        meta = {} if delta else self._hp_meta()
+        meta = {} if delta else self._hp_meta() | self._loss_scaling()
         for s, chan in enumerate(self.channels):
             if delta:
                 chan.send(self._push_message(s, meta, self._deltas(s)))
@@ -359,6 +359,26 @@ class PSOptimizer(DistributedOptimizer):
 
     def _deltas(self, s: int) -> dict[str, torch.Tensor]:
         return {key: value - self._base[s, key] for key, value in self._param_packs(s).items()}
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """``torch.amp.GradScaler.step(opt)`` calls a sync ``step()`` even after an overflow,
+        with ``grad_scale`` and ``found_inf`` set (see ``_loss_scaling``): the round must go on
+        for every worker. Async steps it skips as usual."""
+        return self.strategy.mode == "sync"
+
+    def _loss_scaling(self) -> dict[str, Any]:
+        """Under ``GradScaler.step(opt)``: unscale this worker's gradients (unless
+        ``scaler.unscale_(opt)`` did) and tell the servers whether they overflowed; the servers
+        skip a round any worker overflowed, as one process skips that step."""
+        scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if scale is not None:
+            inv = 1.0 / float(scale)  # a power of two: exact, as GradScaler's own unscale_
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(inv)
+        return {"overflow": True} if found_inf is not None and float(found_inf) > 0 else {}
 
     def _hp_meta(self) -> dict[str, Any]:
         settings = hyperparameters(self.optimizer)

@@ -194,6 +194,11 @@ class OverlapPSOptimizer(PSOptimizer):
         if closure is not None:
             raise ValueError("concord optimizers do not take a closure; call backward() first")
         self._check_open()
+        if getattr(self, "found_inf", None) is not None:  # (set by GradScaler.step(opt))
+            raise UsageError(
+                "ParameterServer(overlap=True) pushes gradients during backward, before a "
+                "GradScaler unscales them; use overlap=False with torch.amp.GradScaler"
+            )
         if self._backwards:
             self._k = max(self._k or 0, self._backwards)
         if not any(self._sent):  # no push yet: load the last replies (async labels need them)

@@ -59,6 +59,7 @@ class ShardServer:
         self.sync: SyncAggregator | None = None
         self.clock: StalenessClock | None = None
         self.waiting: dict[int, bytes] = {}  # sync: workers whose gradient is in this round
+        self.overflowed: set[int] = set()  # sync: ... whose loss scaler overflowed
         self.gated: dict[int, bytes] = {}  # async: replies held back by max_staleness
         self.pending: list[tuple[float, Request]] = []  # registrations before worker 0's
         self.loading: list[tuple[float, Request]] = []  # state loads before worker 0's
@@ -247,6 +248,8 @@ class ShardServer:
             self.reply_params(req.peer)
             return
         self.waiting[req.msg.worker] = req.peer
+        if req.msg.meta.get("overflow") is True:  # its loss scaler found inf/NaN
+            self.overflowed.add(req.msg.worker)
         if self.round_started is None:
             self.round_started = time.monotonic()
         if status == "complete":
@@ -258,7 +261,11 @@ class ShardServer:
         result = self.sync.finish()
         self.counts["applied"] += 1
         self.round_started = None
-        grads = self.shard.piece_grads(result.grads, result.absent)
+        # a worker's loss scaler overflowed: no update this round (GradScaler skips the step)
+        overflow = not self.overflowed.isdisjoint(result.contributors)
+        self.overflowed.clear()
+        self.counts["skipped"] += overflow
+        grads = {} if overflow else self.shard.piece_grads(result.grads, result.absent)
         peers = [self.waiting.pop(w) for w in result.contributors]
         if self._clip(grads, result.step, peers):
             self.reply_params(peers, grads)
@@ -448,6 +455,7 @@ class ShardServer:
             "max_lead": max(self.lead, default=0),
             "gate_waits": self.counts["gate_waits"],
             "clipped": self.counts["clipped"],
+            "skipped": self.counts["skipped"],
             "bytes_in": self.chan.bytes_in,
             "bytes_out": self.chan.bytes_out,
             "lane_bytes_in": lanes.received,
@@ -464,13 +472,14 @@ class ShardServer:
     def log_stats(self) -> None:
         s = self.stats()
         log.info(
-            "server %d stats: version=%d pushes=%d dropped=%d clipped=%d staleness=%s lead=%s "
-            "in=%.1fMB out=%.1fMB rejected=%s lost=%s",
+            "server %d stats: version=%d pushes=%d dropped=%d clipped=%d skipped=%d staleness=%s "
+            "lead=%s in=%.1fMB out=%.1fMB rejected=%s lost=%s",
             self.rank,
             s["version"],
             s["pushes"],
             s["dropped"],
             s["clipped"],
+            s["skipped"],
             s["staleness"],
             s["lead"],
             s["bytes_in"] / 1e6,
