@@ -115,11 +115,22 @@ class ClientChannel:
             raise PeerTimeoutError(
                 f"{self.peer} did not read its local socket within {self.timeout:g}s"
             ) from None
-        except OSError as exc:  # the server closed it: the ZeroMQ socket carries on
-            log.info("%s: local socket closed (%s)", self.peer, exc)
+        except (BrokenPipeError, ConnectionResetError):
+            self._server_ended("sending a request")
+        except OSError as exc:  # anything else: the ZeroMQ socket carries on
+            log.info("%s: local socket failed (%s)", self.peer, exc)
             self._close_local()
             return False
         return True
+
+    def _server_ended(self, awaiting: str) -> None:
+        """The server closed our local link, which it does only when its process ends."""
+        self._close_local()
+        self._broken = "its process ended"
+        raise PeerTimeoutError(
+            f"{self.peer} at {self.address} closed its connection to this process while it was "
+            f"{awaiting}: the server exited or crashed (check its log)"
+        )
 
     def _wait(self, timeout_ms: int) -> Any:
         """The ZeroMQ socket or the local socket, whichever has a message; None after
@@ -180,9 +191,10 @@ class ClientChannel:
                 frames = self.socket.recv_multipart(copy=False)
             else:
                 data = datagram(self._local)
-                if not data:  # the server closed it (its messages now come through ZeroMQ)
-                    self._close_local()
+                if data is None:
                     continue
+                if not data:
+                    self._server_ended(f"awaiting {awaiting}")
                 frames = [data]
             try:
                 msg, part = self._decode(frames, (down, shared), views, awaiting)

@@ -8,7 +8,9 @@ loopback; anything else still goes through ZeroMQ. Every datagram is authenticat
 message. A connection's first datagram must be a ``local`` hello carrying the one-time token
 the server gave one client in its (authenticated) lanes reply; only then do the connection's
 datagrams count as that client's. A connection that says anything else is dropped, and at
-most :data:`MAX_STRANGERS` connections may wait for their hello.
+most :data:`MAX_STRANGERS` connections may wait for their hello. Once a client's link is up,
+the server never closes it while it serves: a client that sees it end knows at once that
+the server process ended (its error says so, instead of waiting out the timeout).
 
 :class:`LocalListener` is the server's side, :func:`connect_local` the client's; the channels
 of :mod:`concord.comm.channel` use them.
@@ -137,9 +139,11 @@ class LocalListener:
             conn.send(head)
         except BlockingIOError:  # it is not reading: ZeroMQ queues the message instead
             return False
-        except OSError:  # it is gone
+        except (BrokenPipeError, ConnectionResetError):  # it is gone
             self.drop(conn.fileno())
             return False
+        except OSError:  # (anything else: this message goes through ZeroMQ, the link stays;
+            return False  # a client takes the end of its link as this server's end)
         self.messages[1] += 1
         return True
 
