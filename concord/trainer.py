@@ -28,6 +28,12 @@ from concord.strategies.base import DataShard
 from concord.strategies.ps.config import ParameterServer
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``Trainer(precision=...)``: the autocast dtype (fp16 also scales the loss)
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,11 @@ class Trainer:
     ``clip_grad_norm_`` does (with AllReduce the gradient is already the workers' average; for
     sync parameter servers use ``ParameterServer(max_grad_norm=...)`` instead, which clips the
     average on the servers, and for a pipeline ``Pipeline(max_grad_norm=...)``, which adds up the
-    stages' norms)."""
+    stages' norms).
+
+    ``precision``: ``"fp32"``, ``"bf16"`` (forward and loss under ``torch.autocast`` in
+    bfloat16) or ``"fp16"`` (float16 autocast and a ``torch.amp.GradScaler``, whose state the
+    checkpoints keep; not for a pipeline stage). Evaluation runs in float32."""
 
     def __init__(
         self,
@@ -68,6 +78,7 @@ class Trainer:
         shard: DataShard | None = None,
         out_dir: str | Path | None = None,
         max_grad_norm: float | None = None,
+        precision: str = "fp32",
     ) -> None:
         if max_grad_norm is not None and hasattr(model, "train_batch"):
             raise UsageError(
@@ -85,23 +96,52 @@ class Trainer:
             )
         self.model, self.optimizer, self.loss_fn, self.ctx = model, optimizer, loss_fn, ctx
         self.max_grad_norm = max_grad_norm
+        self.precision = precision
+        self.scaler = self._loss_scaler(precision, strategy)
         self.shard = shard or DataShard(ctx.rank, ctx.world_size)
         self.out_dir = Path(out_dir) if out_dir else None
         self.history: list[EpochMetrics] = []
+
+    def _loss_scaler(self, precision: str, strategy: Any) -> torch.amp.GradScaler | None:
+        """fp16's loss scaler (None for fp32 and bf16), after checking ``precision``."""
+        if precision not in PRECISIONS:
+            raise UsageError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        if precision != "fp16":
+            return None
+        if hasattr(self.model, "train_batch"):
+            raise UsageError(
+                "precision='fp16' scales the loss, which a pipeline stage cannot (train_batch "
+                "runs backward itself); use precision='bf16', which needs no loss scaling"
+            )
+        if isinstance(strategy, ParameterServer) and strategy.overlap:
+            raise UsageError(
+                "precision='fp16' with ParameterServer(overlap=True): gradients are pushed "
+                "during backward, before the loss scale is taken out; use overlap=False"
+            )
+        return torch.amp.GradScaler(self._device().type)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimizer step on one batch (moved to the model's device); returns this
         worker's loss."""
         x, y = self._to_device(x, y)
         self.optimizer.zero_grad()
-        if hasattr(self.model, "train_batch"):  # pipeline stages run their own schedule
-            loss = self.model.train_batch(x, y, self.loss_fn)
-        else:
-            loss = self.loss_fn(self.model(x), y)
-            loss.backward()
+        dtype = PRECISIONS[self.precision]
+        with torch.autocast(self._device().type, dtype=dtype, enabled=dtype is not None):
+            if hasattr(self.model, "train_batch"):  # pipeline stages run their own schedule
+                loss = self.model.train_batch(x, y, self.loss_fn)
+            else:
+                loss = self.loss_fn(self.model(x), y)
+        if not hasattr(self.model, "train_batch"):
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             if self.max_grad_norm is not None:  # (AllReduce: .grad is already the average)
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # skipped where the gradient overflowed (see the README: on every worker)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
     def fit(
@@ -207,6 +247,8 @@ class Trainer:
         path = self._writer_path(name)
         if path is not None:
             state = {"model": self._module().state_dict(), "optimizer": self.optimizer.state_dict()}
+            if self.scaler is not None:  # (fp16: the loss scale goes on where it was)
+                state["scaler"] = self.scaler.state_dict()
             history = [asdict(m) for m in self.history]
             _save({"epochs_done": epochs_done, "history": history, **state}, path)
         return path
@@ -233,6 +275,8 @@ class Trainer:
             )
         self._module().load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         self.history = [EpochMetrics(**h) for h in state.get("history", [])]
         if self.ctx.is_main and self.out_dir:  # exactly the epochs the checkpoint had done,
             self._write_metrics(self.history, "w")  # none twice, none lost
@@ -266,12 +310,17 @@ class Trainer:
     def _module(self) -> nn.Module:
         return getattr(self.model, "module", self.model)
 
+    def _device(self) -> torch.device:
+        """The device of the model's parameters (the CPU for none)."""
+        first = next(self._module().parameters(), None)
+        return torch.device("cpu") if first is None else first.device
+
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` and ``y`` on the device of the model's parameters (loaders yield CPU ones)."""
-        first = next(self._module().parameters(), None)
-        if first is None or first.device.type == "cpu":
+        device = self._device()
+        if device.type == "cpu":
             return x, y
-        return x.to(first.device, non_blocking=True), y.to(first.device, non_blocking=True)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def _writer_path(self, name: str) -> Path | None:
         """Where this worker writes ``name``, or None if another one does."""

@@ -53,6 +53,8 @@ def test_train_two_workers_one_epoch(tmp_path):
         (["train", "--strategy", "ps-sync", "--servers", "0"], "needs --servers >= 1"),
         (["train", "--resume", "/no/such/checkpoint.pt"], "no such checkpoint"),
         (["train", "--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
+        (["train", "--strategy", "ps-sync", "--compression", "fp16"], "applies to --strategy all"),
+        (["train", "--strategy", "pipeline", "--precision", "fp16"], "use --precision bf16"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
@@ -66,19 +68,41 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_max_grad_norm_goes_to_the_strategies_that_clip_on_their_own():
+def _train_parser():
     import argparse
 
     from concord.jobs.train import add_train_arguments
-    from concord.jobs.train_worker import build_strategy
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
+    return parser
+
+
+def test_every_train_option_reaches_the_workers(tmp_path):
+    from concord.jobs.train import forward_args
+
+    parser = _train_parser()
+    argv = ["--strategy", "allreduce", "--compression", "powersgd", "--precision", "bf16",
+            "--max-grad-norm", "0.5", "--engine", "torch", "--epochs", "2"]  # fmt: skip
+    args = parser.parse_args(argv)
+    forwarded = vars(parser.parse_args(forward_args(args, tmp_path)))
+    assert forwarded == vars(args) | {"out": str(tmp_path)}  # no option left behind
+
+
+def test_options_go_to_the_strategy_that_applies_them():
+    import concord
+    from concord.jobs.train_worker import build_strategy
+
+    parser = _train_parser()
     for strategy in ("ps-sync", "pipeline"):  # the servers' average; the stages' sum of norms
         args = parser.parse_args(["--strategy", strategy, "--max-grad-norm", "0.5"])
         assert build_strategy(args).max_grad_norm == 0.5
     args = parser.parse_args(["--strategy", "pipeline"])
     assert build_strategy(args).max_grad_norm is None
+    assert build_strategy(parser.parse_args(["--compression", "fp16"])).compression == "fp16"
+    powersgd = build_strategy(parser.parse_args(["--compression", "powersgd"])).compression
+    assert isinstance(powersgd, concord.PowerSGD)
+    assert build_strategy(parser.parse_args([])).compression is None
 
 
 def test_missing_dataset_exits_2_before_launching(monkeypatch, capsys):

@@ -236,3 +236,63 @@ def test_max_grad_norm_clips_the_gradient_before_each_step():
     ps_sync = SimpleNamespace(strategy=concord.ParameterServer(mode="sync"))
     with pytest.raises(UsageError, match=r"clip there with ParameterServer\(max_grad_norm"):
         concord.Trainer(model, ps_sync, F.cross_entropy, ctx(), max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_precision_steps_as_torch_amp_does_and_keeps_the_loss_scale(precision, tmp_path):
+    import copy
+    from types import SimpleNamespace
+
+    from test_allreduce_api import ctx
+    from torch.nn import functional as F
+
+    import concord
+    from concord.errors import UsageError
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    twin, plain = copy.deepcopy(model), copy.deepcopy(model)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    trainer = concord.Trainer(
+        model, opt, F.cross_entropy, ctx(), out_dir=tmp_path, precision=precision
+    )
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.5)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cpu", growth_interval=2) if precision == "fp16" else None
+    if trainer.scaler is not None:
+        trainer.scaler = torch.amp.GradScaler("cpu", growth_interval=2)  # (to see it grow)
+    fp32_loss = float(F.cross_entropy(plain(x), y).detach())  # at the initial weights
+    for step in range(3):
+        loss = trainer.train_step(x, y)
+        assert step or loss != fp32_loss  # autocast really ran in half precision
+        twin_opt.zero_grad()
+        with torch.autocast("cpu", dtype=dtype):
+            twin_loss = F.cross_entropy(twin(x), y)
+        if scaler is None:
+            twin_loss.backward()
+            twin_opt.step()
+        else:
+            scaler.scale(twin_loss).backward()
+            scaler.step(twin_opt)
+            scaler.update()
+        assert loss == float(twin_loss.detach())
+    for got, want in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if precision == "fp16":  # the scale is part of the checkpoint
+        assert trainer.scaler.get_scale() == scaler.get_scale() == 2.0**17  # 2**16 grew once
+        trainer.save_checkpoint(1)
+        again = concord.Trainer(
+            model, opt, F.cross_entropy, ctx(), out_dir=tmp_path, precision="fp16"
+        )
+        assert again.scaler.get_scale() == 2.0**16 and again.resume(tmp_path / "checkpoint.pt")
+        assert again.scaler.get_scale() == 2.0**17
+    with pytest.raises(UsageError, match="precision must be one of"):
+        concord.Trainer(model, opt, F.cross_entropy, ctx(), precision="fp8")
+    stage = torch.nn.Linear(1, 1)
+    stage.train_batch = lambda *args: 0.0
+    with pytest.raises(UsageError, match="use precision='bf16'"):
+        concord.Trainer(stage, opt, F.cross_entropy, ctx(), precision="fp16")
+    overlap = SimpleNamespace(strategy=concord.ParameterServer(overlap=True))
+    with pytest.raises(UsageError, match="use overlap=False"):
+        concord.Trainer(model, overlap, F.cross_entropy, ctx(), precision="fp16")

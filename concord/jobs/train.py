@@ -34,9 +34,11 @@ WORKER_OPTIONS = (
     "seed",
     "data",
     "engine",
+    "compression",
     "max_staleness",
     "backup_workers",
     "max_grad_norm",
+    "precision",
     "stages",
     "microbatches",
     "schedule",
@@ -72,6 +74,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="clip the gradient to this norm before each step (ps-sync: the average, on the "
         "servers; ps-async*: each worker's own; pipeline: the whole model's, over all stages)",
+    )
+    add(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="bf16/fp16: mixed precision (torch.autocast; fp16 scales the loss, not for pipeline)",
     )
     add("--stages", type=int, default=3, help="pipeline stages P")
     add("--microbatches", type=int, default=4, help="pipeline micro-batches M")
@@ -131,6 +139,16 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf:
         raise UsageError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
+    if args.compression != "none" and args.strategy != "allreduce":
+        raise UsageError(
+            f"--compression applies to --strategy allreduce, not {args.strategy} (parameter "
+            "servers and pipelines send tensors as they are)"
+        )
+    if args.precision == "fp16" and args.strategy == "pipeline":
+        raise UsageError(
+            "--precision fp16 scales the loss, which a pipeline stage cannot (it runs backward "
+            "itself); use --precision bf16"
+        )
     if args.strategy.startswith("ps-") and args.servers < 1:
         raise UsageError(f"--strategy {args.strategy} needs --servers >= 1, got {args.servers}")
     if args.resume is not None:

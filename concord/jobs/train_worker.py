@@ -25,9 +25,12 @@ from concord.trainer import Trainer
 def build_strategy(args: argparse.Namespace) -> Strategy:
     """The strategy object named by ``--strategy`` and its options."""
     if args.strategy == "allreduce":
-        return (
-            concord.AllReduce(engine=args.engine) if args.engine != "auto" else concord.AllReduce()
-        )
+        options: dict = {} if args.engine == "auto" else {"engine": args.engine}
+        if args.compression == "powersgd":
+            options["compression"] = concord.PowerSGD()
+        elif args.compression != "none":
+            options["compression"] = args.compression  # fp16 | bf16 on the wire
+        return concord.AllReduce(**options)
     if args.strategy.startswith("ps-"):
         from concord.strategies.ps import ParameterServer
 
@@ -75,7 +78,14 @@ def run(args: argparse.Namespace) -> None:
     # does it alone
     clip = None if getattr(strategy, "max_grad_norm", None) else args.max_grad_norm
     trainer = Trainer(
-        model, opt, nn.functional.cross_entropy, ctx, shard, out_dir=args.out, max_grad_norm=clip
+        model,
+        opt,
+        nn.functional.cross_entropy,
+        ctx,
+        shard,
+        out_dir=args.out,
+        max_grad_norm=clip,
+        precision=args.precision,
     )
     start = trainer.resume_latest()  # a restart (--max-restarts) goes on from its checkpoint
     if args.resume and not start:
