@@ -54,6 +54,8 @@ def test_train_two_workers_one_epoch(tmp_path):
         (["train", "--resume", "/no/such/checkpoint.pt"], "no such checkpoint"),
         (["train", "--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
         (["train", "--strategy", "ps-sync", "--compression", "fp16"], "applies to --strategy all"),
+        (["train", "--strategy", "ps-sync", "--max-staleness", "2"], "ps-async | ps-async-delta"),
+        (["train", "--backup-workers", "1"], "applies to --strategy ps-sync, not allreduce"),
         (["train", "--strategy", "pipeline", "--precision", "fp16"], "use --precision bf16"),
     ],
 )

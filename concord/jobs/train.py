@@ -48,6 +48,16 @@ WORKER_OPTIONS = (
 )
 
 
+# options of one strategy family: (default, the strategies it applies to); another strategy
+# with a value other than the default is an error, not silently ignored
+ONLY_FOR = {
+    "engine": ("auto", ("allreduce",)),
+    "compression": ("none", ("allreduce",)),
+    "max_staleness": (None, ("ps-async", "ps-async-delta")),
+    "backup_workers": (0, ("ps-sync",)),
+}
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``concord train`` and its worker processes."""
     add = parser.add_argument
@@ -139,11 +149,12 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf:
         raise UsageError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
-    if args.compression != "none" and args.strategy != "allreduce":
-        raise UsageError(
-            f"--compression applies to --strategy allreduce, not {args.strategy} (parameter "
-            "servers and pipelines send tensors as they are)"
-        )
+    for name, (default, strategies) in ONLY_FOR.items():
+        if getattr(args, name) != default and args.strategy not in strategies:
+            raise UsageError(
+                f"--{name.replace('_', '-')} applies to --strategy {' | '.join(strategies)}, "
+                f"not {args.strategy}"
+            )
     if args.precision == "fp16" and args.strategy == "pipeline":
         raise UsageError(
             "--precision fp16 scales the loss, which a pipeline stage cannot (it runs backward "
