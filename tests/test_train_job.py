@@ -56,6 +56,7 @@ def test_train_two_workers_one_epoch(tmp_path):
         (["train", "--strategy", "ps-sync", "--compression", "fp16"], "applies to --strategy all"),
         (["train", "--strategy", "ps-sync", "--max-staleness", "2"], "ps-async | ps-async-delta"),
         (["train", "--backup-workers", "1"], "applies to --strategy ps-sync, not allreduce"),
+        (["train", "--stages", "2"], "--stages applies to --strategy pipeline, not allreduce"),
         (["train", "--strategy", "pipeline", "--precision", "fp16"], "use --precision bf16"),
     ],
 )
@@ -81,30 +82,41 @@ def _train_parser():
 
 
 def test_every_train_option_reaches_the_workers(tmp_path):
-    from concord.jobs.train import forward_args
+    from concord.cli import build_parser
+    from concord.jobs.train import forward_args, pipeline_options, validate
 
     parser = _train_parser()
     argv = ["--strategy", "allreduce", "--compression", "powersgd", "--precision", "bf16",
             "--max-grad-norm", "0.5", "--engine", "torch", "--epochs", "2"]  # fmt: skip
-    args = parser.parse_args(argv)
-    forwarded = vars(parser.parse_args(forward_args(args, tmp_path)))
-    assert forwarded == vars(args) | {"out": str(tmp_path)}  # no option left behind
+    for strategy_argv in (argv, ["--strategy", "pipeline", "--stages", "2"]):
+        args = build_parser().parse_args(["train", *strategy_argv])  # what concord train gets
+        validate(args)  # (fills in the pipeline's defaults)
+        worker = parser.parse_args(forward_args(args, tmp_path))
+        pipeline_options(worker)  # what the worker does: no option of another strategy
+        assert vars(worker) == {k: v for k, v in vars(args).items() if k in vars(worker)} | {
+            "out": str(tmp_path)
+        }  # no option left behind
 
 
 def test_options_go_to_the_strategy_that_applies_them():
     import concord
+    from concord.jobs.train import pipeline_options
     from concord.jobs.train_worker import build_strategy
 
     parser = _train_parser()
-    for strategy in ("ps-sync", "pipeline"):  # the servers' average; the stages' sum of norms
-        args = parser.parse_args(["--strategy", strategy, "--max-grad-norm", "0.5"])
-        assert build_strategy(args).max_grad_norm == 0.5
-    args = parser.parse_args(["--strategy", "pipeline"])
-    assert build_strategy(args).max_grad_norm is None
-    assert build_strategy(parser.parse_args(["--compression", "fp16"])).compression == "fp16"
-    powersgd = build_strategy(parser.parse_args(["--compression", "powersgd"])).compression
-    assert isinstance(powersgd, concord.PowerSGD)
-    assert build_strategy(parser.parse_args([])).compression is None
+
+    def strategy(*argv: str):
+        args = parser.parse_args(argv)
+        pipeline_options(args)
+        return build_strategy(args)
+
+    for name in ("ps-sync", "pipeline"):  # the servers' average; the stages' sum of norms
+        assert strategy("--strategy", name, "--max-grad-norm", "0.5").max_grad_norm == 0.5
+    pipeline = strategy("--strategy", "pipeline", "--microbatches", "8")
+    assert (pipeline.stages, pipeline.microbatches, pipeline.max_grad_norm) == (3, 8, None)
+    assert strategy("--compression", "fp16").compression == "fp16"
+    assert isinstance(strategy("--compression", "powersgd").compression, concord.PowerSGD)
+    assert strategy().compression is None
 
 
 def test_missing_dataset_exits_2_before_launching(monkeypatch, capsys):

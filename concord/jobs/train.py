@@ -58,6 +58,25 @@ ONLY_FOR = {
 }
 
 
+PIPELINE_DEFAULTS = {
+    "stages": 3,
+    "microbatches": 4,
+    "schedule": "1f1b",
+    "replicas": 1,
+    "split": "params",
+}
+
+
+def pipeline_options(args: argparse.Namespace) -> None:
+    """Fill in the pipeline options' defaults for a pipeline; one given with another strategy
+    is an error (they stay None there)."""
+    for name, default in PIPELINE_DEFAULTS.items():
+        if args.strategy == "pipeline" and getattr(args, name) is None:
+            setattr(args, name, default)
+        elif args.strategy != "pipeline" and getattr(args, name) is not None:
+            raise UsageError(f"--{name} applies to --strategy pipeline, not {args.strategy}")
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``concord train`` and its worker processes."""
     add = parser.add_argument
@@ -91,11 +110,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("fp32", "bf16", "fp16"),
         help="bf16/fp16: mixed precision (torch.autocast; fp16 scales the loss, not for pipeline)",
     )
-    add("--stages", type=int, default=3, help="pipeline stages P")
-    add("--microbatches", type=int, default=4, help="pipeline micro-batches M")
-    add("--schedule", default="1f1b", choices=("gpipe", "1f1b"))
-    add("--replicas", type=int, default=1, help="pipeline data-parallel replicas D")
-    add("--split", default="params", help="pipeline split: params | time | i,j,...")
+    add("--stages", type=int, help="pipeline stages P (default 3)")
+    add("--microbatches", type=int, help="pipeline micro-batches M (default 4)")
+    add("--schedule", choices=("gpipe", "1f1b"), help="pipeline schedule (default 1f1b)")
+    add("--replicas", type=int, help="pipeline data-parallel replicas D (default 1)")
+    add("--split", help="pipeline split: params | time | i,j,... (default params)")
     add("--out", default=None, help="run directory (default runs/<time>-<strategy>)")
     add("--resume", default=None, help="a run's checkpoint.pt: go on after its last epoch")
 
@@ -142,8 +161,9 @@ def worker_count(args: argparse.Namespace) -> int:
 
 def validate(args: argparse.Namespace) -> None:
     """Reject bad values before any process starts."""
+    pipeline_options(args)
     for name in ("epochs", "batch_size", "stages", "microbatches", "replicas"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.lr <= 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
