@@ -126,12 +126,14 @@ class Trainer:
         x, y = self._to_device(x, y)
         self.optimizer.zero_grad()
         dtype = PRECISIONS[self.precision]
+        stage = hasattr(self.model, "train_batch")  # pipeline stages run their own schedule
         with torch.autocast(self._device().type, dtype=dtype, enabled=dtype is not None):
-            if hasattr(self.model, "train_batch"):  # pipeline stages run their own schedule
-                loss = self.model.train_batch(x, y, self.loss_fn)
-            else:
-                loss = self.loss_fn(self.model(x), y)
-        if not hasattr(self.model, "train_batch"):
+            loss = (
+                self.model.train_batch(x, y, self.loss_fn)
+                if stage
+                else self.loss_fn(self.model(x), y)
+            )
+        if not stage:  # (backward outside autocast, as torch.amp recommends)
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             if self.max_grad_norm is not None:  # (AllReduce: .grad is already the average)
                 if self.scaler is not None:
@@ -139,7 +141,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         if self.scaler is None:
             self.optimizer.step()
-        else:  # skipped where the gradient overflowed (see the README: on every worker)
+        else:  # no update where the gradient overflowed (per strategy: see the README)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)

@@ -83,7 +83,7 @@ def _train_parser():
 
 def test_every_train_option_reaches_the_workers(tmp_path):
     from concord.cli import build_parser
-    from concord.jobs.train import forward_args, pipeline_options, validate
+    from concord.jobs.train import forward_args, strategy_options, validate
 
     parser = _train_parser()
     argv = ["--strategy", "allreduce", "--compression", "powersgd", "--precision", "bf16",
@@ -92,7 +92,7 @@ def test_every_train_option_reaches_the_workers(tmp_path):
         args = build_parser().parse_args(["train", *strategy_argv])  # what concord train gets
         validate(args)  # (fills in the pipeline's defaults)
         worker = parser.parse_args(forward_args(args, tmp_path))
-        pipeline_options(worker)  # what the worker does: no option of another strategy
+        strategy_options(worker)  # what the worker does: no option of another strategy
         assert vars(worker) == {k: v for k, v in vars(args).items() if k in vars(worker)} | {
             "out": str(tmp_path)
         }  # no option left behind
@@ -100,14 +100,14 @@ def test_every_train_option_reaches_the_workers(tmp_path):
 
 def test_options_go_to_the_strategy_that_applies_them():
     import concord
-    from concord.jobs.train import pipeline_options
+    from concord.jobs.train import strategy_options
     from concord.jobs.train_worker import build_strategy
 
     parser = _train_parser()
 
     def strategy(*argv: str):
         args = parser.parse_args(argv)
-        pipeline_options(args)
+        strategy_options(args)
         return build_strategy(args)
 
     for name in ("ps-sync", "pipeline"):  # the servers' average; the stages' sum of norms

@@ -48,16 +48,7 @@ WORKER_OPTIONS = (
 )
 
 
-# options of one strategy family: (default, the strategies it applies to); another strategy
-# with a value other than the default is an error, not silently ignored
-ONLY_FOR = {
-    "engine": ("auto", ("allreduce",)),
-    "compression": ("none", ("allreduce",)),
-    "max_staleness": (None, ("ps-async", "ps-async-delta")),
-    "backup_workers": (0, ("ps-sync",)),
-}
-
-
+# the pipeline's options are None unless given; strategy_options fills these in for a pipeline
 PIPELINE_DEFAULTS = {
     "stages": 3,
     "microbatches": 4,
@@ -65,16 +56,30 @@ PIPELINE_DEFAULTS = {
     "replicas": 1,
     "split": "params",
 }
+# options of one strategy family: (default, the strategies it applies to); another strategy
+# with a value other than the default is an error, not silently ignored
+ONLY_FOR = {
+    "engine": ("auto", ("allreduce",)),
+    "compression": ("none", ("allreduce",)),
+    "max_staleness": (None, ("ps-async", "ps-async-delta")),
+    "backup_workers": (0, ("ps-sync",)),
+    **{name: (None, ("pipeline",)) for name in PIPELINE_DEFAULTS},
+}
 
 
-def pipeline_options(args: argparse.Namespace) -> None:
-    """Fill in the pipeline options' defaults for a pipeline; one given with another strategy
-    is an error (they stay None there)."""
-    for name, default in PIPELINE_DEFAULTS.items():
-        if args.strategy == "pipeline" and getattr(args, name) is None:
-            setattr(args, name, default)
-        elif args.strategy != "pipeline" and getattr(args, name) is not None:
-            raise UsageError(f"--{name} applies to --strategy pipeline, not {args.strategy}")
+def strategy_options(args: argparse.Namespace) -> None:
+    """Refuse an option of another strategy than ``--strategy``; fill in the pipeline options'
+    defaults for a pipeline (other strategies keep None)."""
+    for name, (default, strategies) in ONLY_FOR.items():
+        if getattr(args, name) != default and args.strategy not in strategies:
+            raise UsageError(
+                f"--{name.replace('_', '-')} applies to --strategy {' | '.join(strategies)}, "
+                f"not {args.strategy}"
+            )
+    if args.strategy == "pipeline":
+        for name, default in PIPELINE_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -161,7 +166,7 @@ def worker_count(args: argparse.Namespace) -> int:
 
 def validate(args: argparse.Namespace) -> None:
     """Reject bad values before any process starts."""
-    pipeline_options(args)
+    strategy_options(args)
     for name in ("epochs", "batch_size", "stages", "microbatches", "replicas"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -169,12 +174,6 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf:
         raise UsageError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
-    for name, (default, strategies) in ONLY_FOR.items():
-        if getattr(args, name) != default and args.strategy not in strategies:
-            raise UsageError(
-                f"--{name.replace('_', '-')} applies to --strategy {' | '.join(strategies)}, "
-                f"not {args.strategy}"
-            )
     if args.precision == "fp16" and args.strategy == "pipeline":
         raise UsageError(
             "--precision fp16 scales the loss, which a pipeline stage cannot (it runs backward "

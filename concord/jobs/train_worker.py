@@ -16,7 +16,7 @@ from concord.data.loader import loader
 from concord.data.mnist import mnist
 from concord.data.sources import make_loader
 from concord.errors import UsageError
-from concord.jobs.train import add_train_arguments, pipeline_options
+from concord.jobs.train import add_train_arguments, strategy_options
 from concord.models import build_model
 from concord.strategies.base import Strategy
 from concord.trainer import Trainer
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="concord.jobs.train_worker")
     add_train_arguments(parser)
     args = parser.parse_args(argv)
-    pipeline_options(args)  # (concord train forwards them; started by hand, the defaults)
+    strategy_options(args)  # (concord train forwards them; started by hand, the defaults)
     try:
         run(args)
     finally:
