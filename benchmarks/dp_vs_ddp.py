@@ -64,9 +64,6 @@ def _run(model, opt, x, y, batch: int, steps: int, start: int) -> int:
 
 
 def _bench(configs: list[tuple[str, int]], repeats: int, scale: float) -> dict:
-    import torch
-    import torch.distributed as dist
-
     import concord
     from concord.data.mnist import mnist
 
@@ -77,20 +74,30 @@ def _bench(configs: list[tuple[str, int]], repeats: int, scale: float) -> dict:
     for model_name, batch in configs:
         steps = max(2, int(STEPS[model_name, batch] * scale))
         systems = {name: _system(name, model_name) for name in ("ddp", "concord", "local")}
-        times: dict[str, list[float]] = {name: [] for name in systems}
-        cursor = {name: _run(*systems[name], x, y, batch, 3, 0) for name in systems}  # warm-up
-        for _ in range(repeats):
-            for name, (model, opt) in systems.items():
-                dist.barrier()
-                begin = time.perf_counter()
-                cursor[name] = _run(model, opt, x, y, batch, steps, cursor[name])
-                took = torch.tensor([time.perf_counter() - begin], dtype=torch.float64)
-                dist.all_reduce(took, op=dist.ReduceOp.MAX)
-                times[name].append(float(took))
+        out[f"{model_name}/{batch}"] = samples_per_s(systems, x, y, batch, steps, repeats)
         systems["concord"][0].close()
-        samples = ctx.world_size * batch * steps
-        out[f"{model_name}/{batch}"] = {n: samples / statistics.median(t) for n, t in times.items()}
     return out
+
+
+def samples_per_s(systems: dict, x, y, batch: int, steps: int, repeats: int) -> dict[str, float]:
+    """Each ``name: (model, opt)`` of ``systems`` trains ``steps`` steps per repeat, the
+    systems taking turns (after 3 warm-up steps each); samples/s over all workers from the
+    slowest worker's median time."""
+    import torch
+    import torch.distributed as dist
+
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    cursor = {name: _run(*systems[name], x, y, batch, 3, 0) for name in systems}  # warm-up
+    for _ in range(repeats):
+        for name, (model, opt) in systems.items():
+            dist.barrier()
+            begin = time.perf_counter()
+            cursor[name] = _run(model, opt, x, y, batch, steps, cursor[name])
+            took = torch.tensor([time.perf_counter() - begin], dtype=torch.float64)
+            dist.all_reduce(took, op=dist.ReduceOp.MAX)
+            times[name].append(float(took))
+    samples = dist.get_world_size() * batch * steps
+    return {name: samples / statistics.median(t) for name, t in times.items()}
 
 
 def _accuracy(epochs: int, batch: int) -> dict:

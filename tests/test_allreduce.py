@@ -1,7 +1,8 @@
 """AllReduce end to end in real worker processes: both engines against one process.
 
 Covers: equivalence (tied layer, frozen parameter, a branch used by none/some/all workers),
-gradient accumulation (no_sync, or every backward reduced), loss scaling (torch.amp's
+gradient accumulation (no_sync, or every backward reduced), sparse embedding gradients (SGD,
+SparseAdam), loss scaling (torch.amp's
 GradScaler, an overflow on one worker), compression (fp16, bf16,
 PowerSGD), the replica check, the shm ring against torch all_reduce (N = 2, 3, 4), and a
 silent or dead ring neighbour.
@@ -127,6 +128,71 @@ def reference_amp(world: int):
     return (*train(*make(), rank=None, world=world, scaler=loss_scaler), loss_scaler.get_scale())
 
 
+VOCAB = 40  # the sparse model's rows; a global batch touches about half of them
+
+
+class SparseNet(nn.Module):
+    """``nn.Embedding(sparse=True)`` over a bag of 3 ids per sample (flagged samples only),
+    then a linear head; with ``head=False`` the embedding rows are the logits (only sparse
+    gradients: SparseAdam)."""
+
+    def __init__(self, head: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8 if head else 3, sparse=True)
+        self.out = nn.Linear(8, 3) if head else None
+
+    def forward(self, ids: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        if self.out is None:
+            return self.emb(ids).mean(1)
+        h = torch.zeros(len(ids), 8)
+        if flags.any():  # no flagged sample: the embedding gets no gradient at all
+            idx = flags.nonzero().flatten()
+            h = h.index_add(0, idx, self.emb(ids[idx]).mean(1))
+        return self.out(h)
+
+
+class FunctionalEmbedding(nn.Module):
+    """A sparse gradient on a plain parameter (``F.embedding(sparse=True)``): refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(VOCAB, 3))
+
+    def forward(self, ids: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.table, sparse=True).mean(1)
+
+
+def make_sparse(head: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    model = SparseNet(head)
+    if head:
+        return model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    return model, torch.optim.SparseAdam(model.parameters(), lr=0.05)
+
+
+def train_sparse(model, opt, rank: int | None, world: int):
+    """STEPS steps on bags of ids, the flagged samples through the embedding (per step: none,
+    worker 0's only, all); the embedding gradient's rows each step (None: no gradient), and
+    whether it was sparse whenever there was one."""
+    plain = model if rank is None else model.module
+    gen = torch.Generator().manual_seed(2)
+    rows, sparse = [], True
+    for step in range(STEPS):
+        ids = torch.randint(0, VOCAB, (BATCH * world, 3), generator=gen)
+        y = torch.randint(0, 3, (BATCH * world,), generator=gen)
+        flags = torch.arange(BATCH * world) % world == 0  # worker 0's samples
+        flags = flags & (step % 3 == 1) | (step % 3 == 2)
+        if rank is not None:
+            ids, y, flags = ids[rank::world], y[rank::world], flags[rank::world]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(ids, flags), y).backward()
+        grad = plain.emb.weight.grad
+        sparse = sparse and (grad is None or grad.is_sparse)
+        rows.append(None if grad is None else grad.coalesce().indices()[0].tolist())
+        opt.step()
+    return [p.detach().clone() for p in plain.parameters()], rows, sparse
+
+
 def _worker(world: int) -> dict:
     import concord
     from concord.errors import ConcordError
@@ -153,6 +219,18 @@ def _worker(world: int) -> dict:
             *train(model, opt, ctx.rank, world, scaler=loss_scaler),
             loss_scaler.get_scale(),
         )
+        model.close()
+        for head in (True, False):
+            model, opt = concord.distribute(*make_sparse(head, seed=ctx.rank), strategy)
+            out[engine, "sparse", head] = train_sparse(model, opt, ctx.rank, world)
+            model.close()
+        model = FunctionalEmbedding()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, opt = concord.distribute(model, opt, strategy)
+        try:
+            train_sparse(model, opt, ctx.rank, world)
+        except concord.UsageError as exc:
+            out[engine, "functional"] = str(exc)
         model.close()
         for compression in ("fp16", "bf16", concord.PowerSGD(rank=1)):
             strategy = concord.AllReduce(engine=engine, compression=compression)
@@ -269,6 +347,35 @@ def test_loss_scaler_skips_an_overflow_on_every_worker_as_one_process(job, engin
         assert scale == want_scale and unused == want_unused
         for got, ref in zip(params, want):  # no NaN: the overflowing step was skipped
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("head", [True, False], ids=["sgd", "sparse_adam"])
+def test_sparse_embedding_gradients_match_one_process(job, engine, head):
+    """``nn.Embedding(sparse=True)``, all-reduced as a sparse tensor: ``.grad`` is sparse over
+    exactly the rows the global batch touched (None when no worker used the embedding), so
+    SGD with momentum and SparseAdam step as in one process."""
+    world, results = job
+    want, want_rows, _ = train_sparse(*make_sparse(head), rank=None, world=world)
+    touched = [r for r in want_rows if r is not None]
+    assert all(0 < len(r) < VOCAB for r in touched)  # some rows touched, some not
+    assert len(touched) == (STEPS if not head else STEPS - (STEPS + 2) // 3)  # None: 0, 3, ...
+    for res in results:
+        params, rows, sparse = res[engine, "sparse", head]
+        assert sparse and rows == want_rows
+        for got, ref, first in zip(params, want, results[0][engine, "sparse", head][0]):
+            assert torch.equal(got, first)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_other_sparse_gradient_is_refused_with_the_parameter_named(job, engine):
+    _, results = job
+    for res in results:
+        assert "parameter 0 got a sparse gradient" in res[engine, "functional"]
+        assert "nn.Embedding and nn.EmbeddingBag(sparse=True)" in res[engine, "functional"]
 
 
 @pytest.mark.timeout(300)

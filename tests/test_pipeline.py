@@ -1,4 +1,5 @@
-"""Pipeline in real processes: gradients equal the unsplit model's, hybrid D x P, failures.
+"""Pipeline in real processes: gradients equal the unsplit model's, hybrid D x P, clipping,
+a sparse embedding stage, failures.
 
 Tolerance: float32, micro-batch losses are summed in a different order than one mean over
 the batch, so gradients and parameters agree to 1e-5 relative (atol 1e-7), not bit for bit.
@@ -150,29 +151,73 @@ def _clipped_reference(n: int, steps: int) -> tuple[dict, list[float]]:
     return {k: p.detach().clone() for k, p in model.named_parameters()}, norms
 
 
-def _clipped_pipeline(stages: int, replicas: int, n: int, steps: int, config: tuple) -> dict:
+BAG_CLIP = 0.6  # the bag model's norms (clipped): 0.479, 0.768, 0.558, 0.529, 0.809: 2 of 5 clip
+
+
+def _bag_model() -> nn.Sequential:
+    """An ``nn.EmbeddingBag(sparse=True)`` first layer: the first stage's gradient is sparse."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.EmbeddingBag(30, 8, mode="mean", sparse=True),
+        nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3),
+    )  # fmt: skip
+
+
+def _bags(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 30, (n, 3), generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def _sparse_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """clip_grad_norm_'s total norm, which torch does not compute over sparse gradients."""
+    dense = [g.coalesce().values() if g.is_sparse else g for g in grads]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in dense]))
+
+
+def _bag_reference(n: int, steps: int) -> tuple[dict, list[float]]:
+    model = _bag_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    norms = []
+    for step in range(steps):
+        x, y = _bags(n, 20 + step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads = [p.grad for p in model.parameters()]
+        norms.append(float(_sparse_norm(grads)))
+        for g in grads:  # as clip_grad_norm_ scales
+            g.mul_(min(1.0, BAG_CLIP / (norms[-1] + 1e-6)))
+        opt.step()
+    return {k: p.detach().clone() for k, p in model.named_parameters()}, norms
+
+
+def _clipped_pipeline(
+    stages: int, replicas: int, n: int, steps: int, config: tuple, bags: bool = False
+) -> dict:
     """This stage's parameters after ``steps`` steps of ``Pipeline(max_grad_norm=CLIP)``, the
-    norm its optimizer saw at each step, and how many steps it clipped."""
+    norm its optimizer saw at each step, how many steps it clipped, and the layouts (sparse or
+    not) of its matrices' gradients. ``bags``: the bag model, its batches and BAG_CLIP."""
     import concord
 
     ctx = concord.init(timeout=30)
     schedule, m, split = config
-    model = _model()
+    model = _bag_model() if bags else _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    strategy = concord.Pipeline(stages, m, schedule, split, replicas, max_grad_norm=CLIP)
+    clip = BAG_CLIP if bags else CLIP
+    strategy = concord.Pipeline(stages, m, schedule, split, replicas, max_grad_norm=clip)
     stage, sopt = strategy.distribute(model, opt, ctx)
     shard = strategy.data_shard(ctx)
-    norms = []
+    norms, layouts = [], set()
     for step in range(steps):
-        x, y = _batch(n, 10 + step)
+        x, y = _bags(n, 20 + step) if bags else _batch(n, 10 + step)
         sopt.zero_grad()
         stage.train_batch(
             x[shard.rank :: shard.world], y[shard.rank :: shard.world], F.cross_entropy
         )
         sopt.step()
         norms.append(sopt.last_grad_norm)
+        layouts |= {p.grad.is_sparse for p in stage.parameters() if p.dim() == 2}
     params = {k: p.detach().clone() for k, p in stage.named_parameters()}
-    return {"params": params, "norms": norms, "clipped": sopt.clipped}
+    return {"params": params, "norms": norms, "clipped": sopt.clipped, "layouts": layouts}
 
 
 @pytest.mark.timeout(120)
@@ -195,6 +240,22 @@ def test_max_grad_norm_clips_as_one_process_clips_the_whole_model(stages, replic
             torch.testing.assert_close(value, ref_params[key], **TOL)
         seen |= set(got["params"])
     assert seen == set(ref_params)
+
+
+@pytest.mark.timeout(120)
+def test_sparse_embedding_stage_averages_and_clips_as_one_process():
+    """Stage 0 holds an EmbeddingBag(sparse=True): the replicas average its gradient dense and
+    hand it back sparse; the clip's norm counts it as clip_grad_norm_ would."""
+    n, steps = 12, 5
+    ref_params, ref_norms = _bag_reference(n, steps)
+    assert sum(norm > BAG_CLIP for norm in ref_norms) == 2
+    config = ("gpipe", 2, [1])
+    per_rank = run_workers(_clipped_pipeline, 4, args=(2, 2, n, steps, config, True), timeout=100)
+    for rank, got in enumerate(per_rank):
+        assert got["norms"] == pytest.approx(ref_norms, rel=1e-5)
+        assert got["layouts"] == {rank % 2 == 0}  # stage 0: the embedding, sparse
+        for key, value in got["params"].items():
+            torch.testing.assert_close(value, ref_params[key], **TOL)
 
 
 class _Bomb(nn.Module):

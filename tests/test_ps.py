@@ -215,6 +215,57 @@ def test_loss_scaler_overflow_on_one_worker_skips_the_round_as_one_process_skips
     assert all("use overlap=False with torch.amp.GradScaler" in e for e in errors), errors
 
 
+class BagNet(nn.Module):
+    """``nn.EmbeddingBag(sparse=True)`` (sums of 4 ids per sample) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(50, 8, mode="sum", sparse=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bag(ids))
+
+
+def _train_bags(model, opt, rank: int, world: int) -> None:
+    for step in range(STEPS):
+        gen = torch.Generator().manual_seed(200 + step)
+        ids = torch.randint(0, 50, (GLOBAL_BATCH, 4), generator=gen)
+        y = torch.randint(0, 3, (GLOBAL_BATCH,), generator=gen)
+        mine = torch.arange(rank, GLOBAL_BATCH, world)
+        opt.zero_grad()
+        F.cross_entropy(model(ids[mine]), y[mine]).backward()
+        assert model.bag.weight.grad.is_sparse
+        opt.step()
+
+
+def _bag_worker(overlap: bool) -> list[torch.Tensor]:
+    import concord
+
+    ctx = concord.init(timeout=60)
+    torch.manual_seed(0 if ctx.rank == 0 else ctx.rank + 7)
+    model = BagNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    model, opt = concord.distribute(model, opt, concord.ParameterServer(overlap=overlap))
+    _train_bags(model, opt, ctx.rank, ctx.world_size)
+    opt.close()  # (overlap=True: loads the last parameters)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_sparse_embedding_gradients_are_pushed_dense_and_match_one_process(overlap):
+    """A sparse gradient travels dense (split across both servers); torch's sparse SGD with
+    momentum in one process does the same arithmetic on the rows it touches."""
+    job = run_ps_job(_bag_worker, 2, 2, args=(overlap,))
+    torch.manual_seed(0)
+    model = BagNet()
+    _train_bags(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), 0, 1)
+    for params in job.results:
+        for got, ref in zip(params, model.parameters()):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.timeout(120)
 def test_backup_worker_drops_exactly_the_late_gradients():
     kwargs = {"mode": "sync", "backup_workers": 1}

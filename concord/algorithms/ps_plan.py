@@ -233,7 +233,8 @@ def spec_from_optimizer(optimizer: torch.optim.Optimizer) -> OptimizerSpec:
         raise TypeError(
             f"a parameter server runs the optimizer on the servers, so it must be one of "
             f"torch.optim.{', torch.optim.'.join(OPTIMIZERS)}; got {type(optimizer).__qualname__}. "
-            "Use one of those, or the AllReduce strategy for other optimizers"
+            "Use one of those, push='delta' (your optimizer then steps on the workers), or "
+            "the AllReduce strategy"
         )
     allowed = _allowed_keys(name)
     groups = []

@@ -32,7 +32,12 @@ from concord.algorithms.buckets import ParamSpec, plan_buckets
 from concord.algorithms.codecs import CODECS, PowerSGD, codec
 from concord.comm.shm import ShmRing
 from concord.errors import ConcordError, PeerTimeoutError, UsageError
-from concord.strategies.base import Distributed, DistributedOptimizer, Strategy, model_device
+from concord.strategies.base import (
+    Distributed,
+    DistributedOptimizer,
+    Strategy,
+    model_device,
+)
 from concord.strategies.reducer import (
     LowRank,
     Reducer,
@@ -40,6 +45,7 @@ from concord.strategies.reducer import (
     TorchEngine,
     check_engine_device,
 )
+from concord.strategies.sparse import sparse_grad_params
 
 if TYPE_CHECKING:
     from concord.comm.runtime import Context
@@ -123,8 +129,11 @@ class AllReduce(Strategy):
         return "ring" if _all_agree(ctx, prefix, f"{platform.node()} {fits}") else "torch"
 
     def _reducer(self, model: nn.Module, ctx: Context) -> Reducer:
-        params = [p for p in model.parameters() if p.requires_grad]
-        device = model_device(params)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        device = model_device(trainable)
+        embeddings = sparse_grad_params(model)  # reduced as sparse tensors, not in buckets
+        params = [p for p in trainable if id(p) not in embeddings]
+        sparse = [p for p in trainable if id(p) in embeddings]
         specs = [ParamSpec(p.numel(), p.element_size(), f"{p.dtype}@{p.device}") for p in params]
         plan = plan_buckets(
             specs,
@@ -135,7 +144,9 @@ class AllReduce(Strategy):
         prefix = f"{ctx.store_prefix}allreduce/{next(_instances)}/"
         low_rank = self.compression if isinstance(self.compression, PowerSGD) else None
         wire_codec = None if low_rank else codec(self.compression)
-        nbytes = RingEngine.wire_bytes(plan, dtypes, wire_codec)
+        # sparse gradients' sums (a row mask, then the touched rows) in a scratch region
+        scratch = max(((p.numel() + p.shape[0]) * p.element_size() for p in sparse), default=0)
+        nbytes = RingEngine.wire_bytes(plan, dtypes, wire_codec, scratch)
         engine_name = self.resolve_engine(ctx, prefix, nbytes, device)
         if engine_name == "ring":
             ring = ShmRing(
@@ -158,7 +169,7 @@ class AllReduce(Strategy):
                 engine.low_rank[b.index] = LowRank(
                     b, shapes, low_rank, dtype, ctx.world_size, device
                 )
-        return Reducer(params, plan, engine, ctx.world_size)
+        return Reducer(params, plan, engine, ctx.world_size, sparse)
 
 
 def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -60,6 +60,7 @@ from concord.strategies.pipeline_runtime import (
     StagePlace,
     first_line,
 )
+from concord.strategies.sparse import average_sparse_grads, sparse_grad_params
 
 if TYPE_CHECKING:
     from concord.comm.runtime import Context
@@ -143,7 +144,13 @@ class Pipeline(Strategy):
         local_opt = restrict_optimizer(optimizer, list(stage.parameters()))
         group = _stage_groups(place, ctx.timeout)
         pipe_opt = PipelineOptimizer(
-            local_opt, place, group, ctx.timeout, self.max_grad_norm, link.device
+            local_opt,
+            place,
+            group,
+            ctx.timeout,
+            self.max_grad_norm,
+            link.device,
+            sparse_grad_params(stage),
         )
         return Distributed(stage, pipe_opt)
 
@@ -293,8 +300,10 @@ class PipelineOptimizer(DistributedOptimizer):
         timeout: float,
         max_grad_norm: float | None = None,
         device: torch.device | None = None,
+        sparse: set[int] | None = None,
     ) -> None:
         super().__init__(optimizer)
+        self.sparse = sparse or set()  # id()s of parameters with sparse gradients (embeddings)
         self.place = place
         self.group = group
         self.timeout = timeout
@@ -326,8 +335,10 @@ class PipelineOptimizer(DistributedOptimizer):
         if self.max_grad_norm is not None:
             self._clip(self.max_grad_norm)
 
-    def _all_reduce(self, flat: torch.Tensor, group: Any, ranks: list[int], what: str) -> None:
-        """Sum ``flat`` over ``group`` in place, within the job timeout."""
+    def _all_reduce(
+        self, flat: torch.Tensor, group: Any, ranks: list[int], what: str
+    ) -> torch.Tensor:
+        """Sum ``flat`` over ``group`` in place (and return it), within the job timeout."""
         work = dist.all_reduce(flat, group=group, async_op=True)
         try:
             work.wait(timeout=timedelta(seconds=self.timeout))
@@ -336,23 +347,33 @@ class PipelineOptimizer(DistributedOptimizer):
                 f"pipeline stage {self.place.stage} (rank {self.place.rank}): {what} (ranks "
                 f"{ranks}) failed within {self.timeout:g}s: {first_line(exc)}"
             ) from None
+        return flat
 
     def _average_replicas(self) -> None:
         by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
         for p in self._params():
+            if id(p) in self.sparse:
+                continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             by_dtype.setdefault(p.grad.dtype, []).append(p)
         ranks = [r * self.place.stages + self.place.stage for r in range(self.place.replicas)]
+        what = "averaging gradients with the same stage of the other replicas"
         for group in by_dtype.values():
             flat = torch.cat([p.grad.reshape(-1) for p in group])
-            what = "averaging gradients with the same stage of the other replicas"
             self._all_reduce(flat, self.group, ranks, what)
             flat /= self.place.replicas
             offset = 0
             for p in group:
                 p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
                 offset += p.numel()
+        embeddings = [p for p in self._params() if id(p) in self.sparse]  # rows only, as DDP
+
+        def sum_(tensor: torch.Tensor) -> torch.Tensor:
+            return self._all_reduce(tensor, self.group, ranks, what + " (embeddings)")
+
+        gloo = self.device.type == "cpu"  # sums sparse tensors itself (nccl does not)
+        average_sparse_grads(embeddings, self.place.replicas, sum_, sum_ if gloo else None)
 
     def _clip(self, max_norm: float) -> None:
         """Scale every stage's gradients by ``clip_grad_norm_``'s coefficient for the whole
@@ -360,7 +381,7 @@ class PipelineOptimizer(DistributedOptimizer):
         grads = [p.grad for p in self._params() if p.grad is not None]
         total = torch.zeros(1, dtype=torch.float64, device=self.device)
         if grads:  # float32 norms, as clip_grad_norm_ computes them
-            norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+            norms = torch.stack([torch.linalg.vector_norm(_values(g)) for g in grads])
             total += torch.linalg.vector_norm(norms).double() ** 2
         world = self.place.stages * self.place.replicas
         what = "adding up the gradient norm of every stage (max_grad_norm)"
@@ -372,6 +393,11 @@ class PipelineOptimizer(DistributedOptimizer):
             self.clipped += 1
             for grad in grads:
                 grad.mul_(scale)
+
+
+def _values(grad: torch.Tensor) -> torch.Tensor:
+    """What a gradient's norm is taken over: a sparse one's summed values."""
+    return grad.coalesce().values() if grad.is_sparse else grad
 
 
 __all__ = [

@@ -31,6 +31,7 @@ from concord.algorithms.codecs import CastCodec, PowerSGD, PowerSGDState
 from concord.algorithms.ring import ring_allreduce
 from concord.comm.shm import ShmRing
 from concord.errors import PeerTimeoutError, UsageError
+from concord.strategies.sparse import average_sparse_grads
 
 Fill = Callable[[torch.Tensor], None]
 Unpack = Callable[[torch.Tensor, bool], None]
@@ -91,6 +92,7 @@ class TorchEngine:
         timeout: float,
     ) -> None:
         self.world, self.timeout, self.codec = world, timeout, codec
+        self.flat_device = device
         self.flat = [
             torch.empty(b.numel, dtype=dt, device=device) for b, dt in zip(plan.buckets, dtypes)
         ]
@@ -109,18 +111,33 @@ class TorchEngine:
         work = dist.all_reduce(wire, async_op=True)
 
         def wait() -> None:
-            try:
-                work.wait(timedelta(seconds=self.timeout))
-            except RuntimeError as exc:
-                raise PeerTimeoutError(
-                    f"allreduce of bucket {bucket.index} ({bucket.numel} elements) did not "
-                    f"complete within {self.timeout:g}s: a worker is missing or failed ({exc})"
-                ) from None
+            self._wait(work, f"bucket {bucket.index} ({bucket.numel} elements)")
             if wire is not flat:
                 flat.copy_(wire)
             unpack(flat, wire is not flat)
 
         return wait
+
+    def sum_now(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over every worker in place, now (the sparse gradients' sums; gloo
+        sums a sparse tensor itself: see :attr:`sum_sparse`)."""
+        self._wait(dist.all_reduce(tensor, async_op=True), f"a {list(tensor.shape)} tensor")
+        return tensor
+
+    def _wait(self, work: dist.Work, what: str) -> None:
+        try:
+            work.wait(timedelta(seconds=self.timeout))
+        except RuntimeError as exc:
+            raise PeerTimeoutError(
+                f"allreduce of {what} did not complete within {self.timeout:g}s: a worker is "
+                f"missing or failed ({exc})"
+            ) from None
+
+    @property
+    def sum_sparse(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """On the CPU, gloo's all_reduce of a sparse tensor (DDP's path: faster there than the
+        two dense sums); nccl has none."""
+        return self.sum_now if self.flat_device.type == "cpu" else None
 
     def close(self) -> None:
         pass
@@ -161,6 +178,7 @@ class RingEngine:
         self.ring, self.world, self.codec = ring, world, codec
         self.regions, self.acc, self.chunks, self.offsets = [], [], [], []
         self.low_rank: dict[int, LowRank] = {}
+        self.chunk_bytes = chunk_bytes
         offset = 0
         for bucket, dtype in zip(plan.buckets, dtypes):
             wire_dtype = dtype if codec is None else codec.wire_for(dtype)
@@ -170,17 +188,24 @@ class RingEngine:
             offset += -(-bucket.numel * size // 64) * 64
             self.acc.append(torch.empty(bucket.numel, dtype=dtype))
             self.chunks.append(max(1, chunk_bytes // size))
+        self.scratch = offset  # after the buckets: sum_now's region (see wire_bytes)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="concord-ring", daemon=True)
         self._thread.start()
 
     @staticmethod
-    def wire_bytes(plan: BucketPlan, dtypes: Sequence[torch.dtype], codec: CastCodec | None) -> int:
+    def wire_bytes(
+        plan: BucketPlan,
+        dtypes: Sequence[torch.dtype],
+        codec: CastCodec | None,
+        scratch_bytes: int = 0,
+    ) -> int:
+        """The wire's size: every bucket, then ``scratch_bytes`` for :meth:`sum_now`."""
         total = 0
         for bucket, dtype in zip(plan.buckets, dtypes):
             wire_dtype = dtype if codec is None else codec.wire_for(dtype)
             total += -(-bucket.numel * torch.empty((), dtype=wire_dtype).element_size() // 64) * 64
-        return max(total, 64)
+        return max(total + scratch_bytes, 64)
 
     def _serve(self) -> None:
         while True:
@@ -206,6 +231,13 @@ class RingEngine:
         """Sum ``flat`` (no longer than bucket ``index``) across the ring, in place."""
         region = self.ring.region(self.offsets[index], flat.numel(), flat.dtype)
         flat.copy_(ring_allreduce(region, flat, self.chunks[index]))
+
+    def sum_now(self, flat: torch.Tensor) -> torch.Tensor:
+        """Sum ``flat`` over the ring in place, now, in the scratch region after the buckets
+        (the sparse gradients' sums; no bucket is in flight when they run)."""
+        region = self.ring.region(self.scratch, flat.numel(), flat.dtype)
+        chunk = max(1, self.chunk_bytes // flat.element_size())
+        return flat.copy_(ring_allreduce(region, flat, chunk))
 
     def start(self, bucket: Bucket, fill: Fill, unpack: Unpack) -> Callable[[], None]:
         job = _Job(lambda: self._reduce(bucket, fill, unpack))
@@ -235,14 +267,20 @@ class Reducer:
     """Hooks on ``params`` that launch bucket reductions; ``finish()`` ends a step's sync."""
 
     def __init__(
-        self, params: Sequence[nn.Parameter], plan: BucketPlan, engine, world: int
+        self,
+        params: Sequence[nn.Parameter],
+        plan: BucketPlan,
+        engine,
+        world: int,
+        sparse: Sequence[nn.Parameter] = (),
     ) -> None:
         self.params, self.plan, self.engine, self.world = list(params), plan, engine, world
+        self.sparse = list(sparse)  # embedding weights: not in buckets, see finish()
         self.enabled = True  # False inside no_sync()
         self._synced = False  # a backward of this step already finished the reduction
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)
-        ]
+        ] + [p.register_post_accumulate_grad_hook(self._sparse_hook) for p in self.sparse]
         self._reset()
 
     def _reset(self) -> None:
@@ -261,6 +299,17 @@ class Reducer:
 
         return hook
 
+    def _sparse_hook(self, _param: torch.Tensor) -> None:
+        if self.enabled:
+            self._queue_finish()
+        else:
+            self._synced = False
+
+    def _queue_finish(self) -> None:
+        if not self._callback_queued:
+            self._callback_queued, self._synced = True, False
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+
     def _ready(self, index: int) -> None:
         bucket = self.plan.bucket_of[index]
         if self._waits[bucket] is not None:
@@ -269,9 +318,7 @@ class Reducer:
                 f"bucket {bucket} was launched (a reentrant backward, e.g. activation "
                 "checkpointing with use_reentrant=True); use use_reentrant=False"
             )
-        if not self._callback_queued:
-            self._callback_queued, self._synced = True, False
-            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+        self._queue_finish()
         if not self._seen[index]:
             self._seen[index] = 1
             self._pending[bucket] -= 1
@@ -293,6 +340,9 @@ class Reducer:
         try:
             for wait in self._waits:
                 wait()
+            # after every bucket, so all workers issue the same collectives in the same order
+            sum_sparse = getattr(self.engine, "sum_sparse", None)
+            average_sparse_grads(self.sparse, self.world, self.engine.sum_now, sum_sparse)
         finally:
             self._reset()
         self._synced = True
@@ -317,7 +367,11 @@ class Reducer:
                     view.zero_()
                     flags.append(0.0)
                 elif grad.is_sparse:
-                    raise UsageError("AllReduce does not support sparse gradients")
+                    raise UsageError(
+                        f"parameter {slot.param} got a sparse gradient, but AllReduce reduces "
+                        "sparse gradients only for the weights of nn.Embedding and "
+                        "nn.EmbeddingBag(sparse=True)"
+                    )
                 else:
                     view.copy_(grad.reshape(-1))
                     flags.append(1.0)

@@ -9,8 +9,8 @@ shards work in parallel:
 
 - push="grad": the gradients, packed (:func:`concord.algorithms.ps_plan.pack_pieces`: one
   flat tensor per run of pieces, zeros for a parameter without ``.grad``, which
-  ``meta["absent"]`` names); the reply carries the shard's new parameters, packed the same
-  way, copied into the model. The local optimizer never steps.
+  ``meta["absent"]`` names; a sparse gradient densified); the reply carries the shard's new
+  parameters, packed the same way, copied into the model. The local optimizer never steps.
 - push="delta": the local optimizer steps, the change since the last pull is pushed (packed),
   and the server's latest parameters replace the local ones.
 
@@ -59,6 +59,7 @@ from concord.strategies.allreduce import broadcast_state
 from concord.strategies.base import DistributedOptimizer
 from concord.strategies.ps.config import ParameterServer
 from concord.strategies.ps.shard import piece_meta
+from concord.strategies.sparse import dense_grad
 
 log = logging.getLogger("concord.ps")
 
@@ -326,10 +327,8 @@ class PSOptimizer(DistributedOptimizer):
                 if grad is None:
                     absent.append(index)
                     pieces.append(torch.zeros(pc.numel, dtype=param.dtype, device=param.device))
-                elif grad.is_sparse:
-                    raise UsageError(f"{pc.name}: sparse gradients are not supported by a PS")
-                else:
-                    pieces.append(grad.detach().reshape(-1)[pc.start : pc.stop])
+                else:  # a sparse gradient travels dense (see dense_grad)
+                    pieces.append(dense_grad(grad.detach()).reshape(-1)[pc.start : pc.stop])
                 index += 1
             out[pack.key] = self._pack(s, pack, pieces)
         return out, absent

@@ -1,0 +1,115 @@
+"""Sparse embedding gradients: concord AllReduce vs PyTorch DDP (gloo), rows only for both.
+
+    flock /tmp/concord-bench.lock .venv/bin/python benchmarks/sparse_embedding.py [--quick]
+
+A bag-of-ids model, ``nn.EmbeddingBag(V, 64, mode="mean", sparse=True)`` over 20 random ids
+per sample and a linear head (10 classes), SGD (no momentum: torch's sparse momentum buffer
+grows every step), batch 64 per worker, N worker
+processes (one thread each) on this host, for vocabularies V of 10k and 100k rows. DDP
+all-reduces the embedding's sparse gradient itself (gloo gathers every worker's indices and
+values); concord sums a mask of the touched rows, then those rows' values, with its engine's
+dense sums: the shared-memory ring (default here) or gloo ("concord-torch",
+``AllReduce(engine="torch")``). "no-comm" (each worker steps alone) is the ceiling. The
+systems alternate repeat by repeat inside the same processes; samples/s from the slowest
+worker, median over the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from dp_vs_ddp import samples_per_s  # noqa: E402 - (the benchmarks folder is the script's own)
+from multiproc import run_workers  # noqa: E402
+
+DIM, IDS, BATCH, CLASSES = 64, 20, 64, 10
+
+
+def _system(name: str, vocab: int):
+    import torch
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    import concord
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.EmbeddingBag(vocab, DIM, mode="mean", sparse=True), nn.Linear(DIM, CLASSES)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    if name == "ddp":
+        return DistributedDataParallel(model), opt
+    if name == "local":
+        return model, opt
+    engine = "torch" if name == "concord-torch" else "auto"
+    return concord.distribute(model, opt, concord.AllReduce(engine=engine))
+
+
+def _bench(vocabs: list[int], steps: int, repeats: int) -> dict:
+    import torch
+
+    import concord
+
+    ctx = concord.init(timeout=300)
+    out = {}
+    for vocab in vocabs:
+        gen = torch.Generator().manual_seed(ctx.rank)
+        x = torch.randint(0, vocab, (BATCH * 50, IDS), generator=gen)
+        y = torch.randint(0, CLASSES, (BATCH * 50,), generator=gen)
+        names = ("ddp", "concord", "concord-torch", "local")
+        systems = {name: _system(name, vocab) for name in names}
+        out[vocab] = samples_per_s(systems, x, y, BATCH, steps, repeats)
+        systems["concord"][0].close()
+        systems["concord-torch"][0].close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps per repeat")
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2])
+    parser.add_argument("--vocabs", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be >= 5 (medians of at least 5 repeats)")
+    steps = 10 if args.quick else 30
+    rows = []
+    for world in args.worlds:
+        res = run_workers(_bench, world, (args.vocabs, steps, args.repeats), timeout=900)[0]
+        for vocab in args.vocabs:
+            r = res[vocab]
+            rows.append(
+                {
+                    "world": world,
+                    "vocab": vocab,
+                    "ddp_sps": r["ddp"],
+                    "concord_sps": r["concord"],
+                    "concord_torch_sps": r["concord-torch"],
+                    "local_sps": r["local"],
+                    "speedup": r["concord"] / r["ddp"],
+                    "speedup_torch": r["concord-torch"] / r["ddp"],
+                }
+            )
+    print(
+        f"{'N':>3} {'vocab':>8} {'DDP samples/s':>14} {'concord':>10} {'c-torch':>10} "
+        f"{'no-comm':>10} {'concord/DDP':>12} {'c-torch/DDP':>12}"
+    )
+    for r in rows:
+        print(
+            f"{r['world']:>3} {r['vocab']:>8} {r['ddp_sps']:>14.0f} {r['concord_sps']:>10.0f} "
+            f"{r['concord_torch_sps']:>10.0f} {r['local_sps']:>10.0f} {r['speedup']:>11.2f}x "
+            f"{r['speedup_torch']:>11.2f}x"
+        )
+    print(json.dumps({"benchmark": "sparse_embedding", "repeats": args.repeats, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
