@@ -67,7 +67,7 @@ class Trainer:
 
     ``precision``: ``"fp32"``, ``"bf16"`` (forward and loss under ``torch.autocast`` in
     bfloat16) or ``"fp16"`` (float16 autocast and a ``torch.amp.GradScaler``, whose state the
-    checkpoints keep; not for a pipeline stage). Evaluation runs in float32."""
+    checkpoints keep; not for a pipeline stage). Evaluation runs under the same autocast."""
 
     def __init__(
         self,
@@ -125,9 +125,8 @@ class Trainer:
         worker's loss."""
         x, y = self._to_device(x, y)
         self.optimizer.zero_grad()
-        dtype = PRECISIONS[self.precision]
         stage = hasattr(self.model, "train_batch")  # pipeline stages run their own schedule
-        with torch.autocast(self._device().type, dtype=dtype, enabled=dtype is not None):
+        with self._autocast():
             loss = (
                 self.model.train_batch(x, y, self.loss_fn)
                 if stage
@@ -145,6 +144,11 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+
+    def _autocast(self) -> torch.autocast:
+        """``precision``'s autocast on the model's device (disabled for fp32)."""
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self._device().type, dtype=dtype, enabled=dtype is not None)
 
     def fit(
         self, train: Iterable, epochs: int, test: Iterable | None = None, start_epoch: int = 0
@@ -204,10 +208,11 @@ class Trainer:
         stats = torch.zeros(3, dtype=torch.float64)  # correct, loss sum, samples
         for x, y in test:
             x, y = self._to_device(x, y)
-            out = self.model(x)
+            with self._autocast():  # (as training runs, and as HF's Trainer evaluates)
+                out = self.model(x)
+                loss = float(self.loss_fn(out, y))
             stats += torch.tensor(
-                [(out.argmax(1) == y).sum().item(), float(self.loss_fn(out, y)) * len(y), len(y)],
-                dtype=torch.float64,
+                [(out.argmax(1) == y).sum().item(), loss * len(y), len(y)], dtype=torch.float64
             )
         if dist.is_initialized() and self.ctx.world_size > 1:
             dist.all_reduce(stats)

@@ -8,6 +8,7 @@ the batch, so gradients and parameters agree to 1e-5 relative (atol 1e-7), not b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import multiprocessing as mp
 import os
 import time
@@ -190,49 +191,58 @@ def _bag_reference(n: int, steps: int) -> tuple[dict, list[float]]:
     return {k: p.detach().clone() for k, p in model.named_parameters()}, norms
 
 
-def _clipped_pipeline(
-    stages: int, replicas: int, n: int, steps: int, config: tuple, bags: bool = False
-) -> dict:
-    """This stage's parameters after ``steps`` steps of ``Pipeline(max_grad_norm=CLIP)``, the
-    norm its optimizer saw at each step, how many steps it clipped, and the layouts (sparse or
-    not) of its matrices' gradients. ``bags``: the bag model, its batches and BAG_CLIP."""
+def _clipped_pipeline(stages: int, replicas: int, n: int, steps: int, runs: list) -> list:
+    """For each ``(config, bags)`` of ``runs``: this stage's parameters after ``steps`` steps of
+    ``Pipeline(max_grad_norm=CLIP)``, the norm its optimizer saw at each step, how many steps
+    it clipped, and the layouts (sparse or not) of its matrices' gradients. ``bags``: the bag
+    model, its batches and BAG_CLIP."""
     import concord
 
     ctx = concord.init(timeout=30)
-    schedule, m, split = config
-    model = _bag_model() if bags else _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    clip = BAG_CLIP if bags else CLIP
-    strategy = concord.Pipeline(stages, m, schedule, split, replicas, max_grad_norm=clip)
-    stage, sopt = strategy.distribute(model, opt, ctx)
-    shard = strategy.data_shard(ctx)
-    norms, layouts = [], set()
-    for step in range(steps):
-        x, y = _bags(n, 20 + step) if bags else _batch(n, 10 + step)
-        sopt.zero_grad()
-        stage.train_batch(
-            x[shard.rank :: shard.world], y[shard.rank :: shard.world], F.cross_entropy
+    results = []
+    for (schedule, m, split), bags in runs:
+        model = _bag_model() if bags else _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        clip = BAG_CLIP if bags else CLIP
+        strategy = concord.Pipeline(stages, m, schedule, split, replicas, max_grad_norm=clip)
+        stage, sopt = strategy.distribute(model, opt, ctx)
+        shard = strategy.data_shard(ctx)
+        norms, layouts = [], set()
+        for step in range(steps):
+            x, y = _bags(n, 20 + step) if bags else _batch(n, 10 + step)
+            sopt.zero_grad()
+            stage.train_batch(
+                x[shard.rank :: shard.world], y[shard.rank :: shard.world], F.cross_entropy
+            )
+            sopt.step()
+            norms.append(sopt.last_grad_norm)
+            layouts |= {p.grad.is_sparse for p in stage.parameters() if p.dim() == 2}
+        params = {k: p.detach().clone() for k, p in stage.named_parameters()}
+        results.append(
+            {"params": params, "norms": norms, "clipped": sopt.clipped, "layouts": layouts}
         )
-        sopt.step()
-        norms.append(sopt.last_grad_norm)
-        layouts |= {p.grad.is_sparse for p in stage.parameters() if p.dim() == 2}
-    params = {k: p.detach().clone() for k, p in stage.named_parameters()}
-    return {"params": params, "norms": norms, "clipped": sopt.clipped, "layouts": layouts}
+    return results
+
+
+CLIP_STEPS = 5
+# one spawn of 2 replicas x 2 stages runs the dense model's clip and the bag model's
+TWO_BY_TWO = [(("gpipe", 2, None), False), (("gpipe", 2, [1]), True)]
+
+
+@functools.cache
+def _clip_job(stages: int, replicas: int) -> list:
+    runs = TWO_BY_TWO if (stages, replicas) == (2, 2) else [(("1f1b", 4, [1, 2]), False)]
+    args = (stages, replicas, 12, CLIP_STEPS, runs)
+    return run_workers(_clipped_pipeline, stages * replicas, args=args, timeout=100)
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(
-    "stages, replicas, config",
-    [(3, 1, ("1f1b", 4, [1, 2])), (2, 2, ("gpipe", 2, None))],  # [1, 2]: stage 1 has no weights
-)
-def test_max_grad_norm_clips_as_one_process_clips_the_whole_model(stages, replicas, config):
-    n, steps = 12, 5
-    ref_params, ref_norms = _clipped_reference(n, steps)
-    per_rank = run_workers(
-        _clipped_pipeline, stages * replicas, args=(stages, replicas, n, steps, config), timeout=100
-    )
+@pytest.mark.parametrize("stages, replicas", [(3, 1), (2, 2)])  # P=3: [1, 2], a weightless stage
+def test_max_grad_norm_clips_as_one_process_clips_the_whole_model(stages, replicas):
+    ref_params, ref_norms = _clipped_reference(12, CLIP_STEPS)
     seen = set()
-    for got in per_rank:
+    for per_run in _clip_job(stages, replicas):
+        got = per_run[0]
         # every stage of every replica saw the whole model's norm and clipped the same 3 steps
         assert got["norms"] == pytest.approx(ref_norms, rel=1e-5)
         assert got["clipped"] == sum(norm > CLIP for norm in ref_norms) == 3
@@ -244,14 +254,13 @@ def test_max_grad_norm_clips_as_one_process_clips_the_whole_model(stages, replic
 
 @pytest.mark.timeout(120)
 def test_sparse_embedding_stage_averages_and_clips_as_one_process():
-    """Stage 0 holds an EmbeddingBag(sparse=True): the replicas average its gradient dense and
-    hand it back sparse; the clip's norm counts it as clip_grad_norm_ would."""
-    n, steps = 12, 5
-    ref_params, ref_norms = _bag_reference(n, steps)
+    """Stage 0 holds an EmbeddingBag(sparse=True): the replicas average its touched rows (gloo's
+    sparse all_reduce on the CPU) and its gradient stays sparse; the clip's norm counts its
+    values as clip_grad_norm_ would count the dense gradient."""
+    ref_params, ref_norms = _bag_reference(12, CLIP_STEPS)
     assert sum(norm > BAG_CLIP for norm in ref_norms) == 2
-    config = ("gpipe", 2, [1])
-    per_rank = run_workers(_clipped_pipeline, 4, args=(2, 2, n, steps, config, True), timeout=100)
-    for rank, got in enumerate(per_rank):
+    for rank, per_run in enumerate(_clip_job(2, 2)):
+        got = per_run[1]
         assert got["norms"] == pytest.approx(ref_norms, rel=1e-5)
         assert got["layouts"] == {rank % 2 == 0}  # stage 0: the embedding, sparse
         for key, value in got["params"].items():

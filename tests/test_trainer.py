@@ -279,6 +279,11 @@ def test_precision_steps_as_torch_amp_does_and_keeps_the_loss_scale(precision, t
         assert loss == float(twin_loss.detach())
     for got, want in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad():  # evaluation runs under the same autocast
+        fp32_eval = float(F.cross_entropy(twin(x), y))
+        with torch.autocast("cpu", dtype=dtype):
+            want_eval = float(F.cross_entropy(twin(x), y))
+    assert trainer.evaluate([(x, y)]).loss == want_eval != fp32_eval
     if precision == "fp16":  # the scale is part of the checkpoint
         assert trainer.scaler.get_scale() == scaler.get_scale() == 2.0**17  # 2**16 grew once
         trainer.save_checkpoint(1)
