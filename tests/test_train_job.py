@@ -58,6 +58,16 @@ def test_train_two_workers_one_epoch(tmp_path):
         (["train", "--backup-workers", "1"], "applies to --strategy ps-sync, not allreduce"),
         (["train", "--stages", "2"], "--stages applies to --strategy pipeline, not allreduce"),
         (["train", "--strategy", "pipeline", "--precision", "fp16"], "use --precision bf16"),
+        # caught before the launch (they used to fail in every worker, or train on garbage)
+        (["train", "--lr", "nan"], "--lr must be > 0 and finite, got nan"),
+        (["train", "--momentum", "-1"], "--momentum must be >= 0 and finite"),
+        (["train", "--min-accuracy", "2"], "--min-accuracy must be in 0..1"),
+        (["train", "--data", "bogus"], "unknown data source 'bogus'"),
+        (["train", "--strategy", "ps-async", "--max-staleness", "-1"], "max_staleness must be"),
+        (["train", "--strategy", "ps-sync", "--backup-workers", "4"], "must be < the number of"),
+        (["train", "--strategy", "pipeline", "--split", "5,1"], "bad stage starts [0, 5, 1]"),
+        (["train", "--strategy", "pipeline", "--split", "a,b"], "--split must be params, time"),
+        (["train", "--strategy", "pipeline", "--stages", "20"], "use at most 8 stages"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):

@@ -40,6 +40,12 @@ def named_dataset(name: str) -> TensorDataset:
     raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(NAMES)}")
 
 
+def check_source(spec: str) -> None:
+    """Raise UsageError unless ``spec`` names a data source (see :data:`SPECS`)."""
+    if spec not in ("local", "central", "p2p") and not (spec.startswith("dfs:") and len(spec) > 4):
+        raise UsageError(f"unknown data source {spec!r}; choose one of: {', '.join(SPECS)}")
+
+
 def make_loader(spec: str, *, rank: int, world: int, batch_size: int, seed: int) -> Any:
     """A loader of training batches for worker ``rank`` of ``world`` from source ``spec``.
 
@@ -47,6 +53,7 @@ def make_loader(spec: str, *, rank: int, world: int, batch_size: int, seed: int)
     ``set_epoch(e)`` (``local``: ``sampler.set_epoch(e)``). ``p2p``'s ``set_epoch`` is a
     collective: every worker calls it with the same epoch.
     """
+    check_source(spec)
     if spec == "local":
         return loader(mnist("train"), batch_size, rank=rank, world=world, seed=seed)
     if spec.startswith("dfs:") and len(spec) > 4:
@@ -57,10 +64,8 @@ def make_loader(spec: str, *, rank: int, world: int, batch_size: int, seed: int)
         from concord.data.central import CentralLoader
 
         return CentralLoader.from_job(rank=rank, world=world, batch_size=batch_size, seed=seed)
-    if spec == "p2p":
-        from concord.data.p2p import P2PLoader
+    from concord.data.p2p import P2PLoader  # (p2p)
 
-        return P2PLoader.from_dataset(
-            mnist("train"), rank=rank, world=world, batch_size=batch_size, seed=seed
-        )
-    raise UsageError(f"unknown data source {spec!r}; choose one of: {', '.join(SPECS)}")
+    return P2PLoader.from_dataset(
+        mnist("train"), rank=rank, world=world, batch_size=batch_size, seed=seed
+    )

@@ -19,6 +19,7 @@ from pathlib import Path
 from concord.comm.rendezvous import DEVICES
 from concord.comm.runtime import check_device_choice
 from concord.data.mnist import hub_file
+from concord.data.sources import check_source
 from concord.errors import UsageError
 from concord.models import MODELS
 
@@ -170,10 +171,15 @@ def validate(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "stages", "microbatches", "replicas"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if not 0 < args.lr < math.inf:
+        raise UsageError(f"--lr must be > 0 and finite, got {args.lr}")
+    if not 0 <= args.momentum < math.inf:
+        raise UsageError(f"--momentum must be >= 0 and finite, got {args.momentum}")
     if args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf:
         raise UsageError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
+    if args.min_accuracy is not None and not 0 <= args.min_accuracy <= 1:
+        raise UsageError(f"--min-accuracy must be in 0..1, got {args.min_accuracy}")
+    check_source(args.data)
     if args.precision == "fp16" and args.strategy == "pipeline":
         raise UsageError(
             "--precision fp16 scales the loss, which a pipeline stage cannot (it runs backward "
@@ -188,7 +194,28 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--resume {args.resume}: no such checkpoint")
         args.resume = str(resume)
     hub_file()  # a missing dataset is a clear error before anything starts
-    check_device_choice(args.device, worker_count(args))  # so is --device cuda without GPUs
+    workers = worker_count(args)
+    check_device_choice(args.device, workers)  # so is --device cuda without GPUs
+    check_strategy(args, workers)
+
+
+def check_strategy(args: argparse.Namespace, workers: int) -> None:
+    """Build the strategy as the workers will (its own checks) and, for a pipeline, split the
+    model, so that bad values fail here rather than in every worker after the launch."""
+    from concord.jobs.train_worker import build_strategy
+    from concord.models import build_model
+    from concord.strategies.pipeline import as_layers
+
+    if args.strategy == "ps-sync" and args.backup_workers >= workers:
+        raise UsageError(
+            f"--backup-workers {args.backup_workers} must be < the number of workers ({workers})"
+        )
+    try:
+        strategy = build_strategy(args)
+        if args.strategy == "pipeline" and args.split != "time":  # ("time" measures, later)
+            strategy.plan(as_layers(build_model(args.model)))
+    except (ValueError, TypeError) as exc:  # (UsageError is a ValueError)
+        raise UsageError(f"--strategy {args.strategy}: {exc}") from None
 
 
 def forward_args(args: argparse.Namespace, out: Path) -> list[str]:

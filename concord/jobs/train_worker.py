@@ -44,11 +44,7 @@ def build_strategy(args: argparse.Namespace) -> Strategy:
     if args.strategy == "pipeline":
         from concord.strategies.pipeline import Pipeline
 
-        split = (
-            args.split
-            if args.split in ("params", "time")
-            else [int(s) for s in args.split.split(",")]
-        )
+        split = args.split if args.split in ("params", "time") else _layer_indices(args.split)
         return Pipeline(
             stages=args.stages,
             microbatches=args.microbatches,
@@ -59,6 +55,16 @@ def build_strategy(args: argparse.Namespace) -> Strategy:
             max_grad_norm=args.max_grad_norm,  # the stages add up their parts of the norm
         )
     raise UsageError(f"unknown strategy {args.strategy!r}")
+
+
+def _layer_indices(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UsageError(
+            f"--split must be params, time, or the first layer of stages 1..P-1 as in 3,5; "
+            f"got {text!r}"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> None:
