@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _plot import grouped_bars  # noqa: E402
 from multiproc import run_workers  # noqa: E402
 
 MB = 2**20
@@ -115,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['speedup']:>9.2f}x"
         )
     print(json.dumps({"benchmark": "allreduce_bandwidth", "repeats": 2 * repeats, "rows": rows}))
+    grouped_bars(
+        "allreduce_bandwidth",
+        "allreduce bus bandwidth: concord ring vs gloo",
+        [f"N={r['world']}\n{r['mb']} MB" for r in rows],
+        {"gloo": [r["gloo_gbps"] for r in rows], "ring": [r["ring_gbps"] for r in rows]},
+        "GB/s",
+    )
     return 0
 
 

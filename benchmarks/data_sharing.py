@@ -187,6 +187,18 @@ def main() -> int:
             f"{r['net_bytes_per_epoch_per_worker'] / 1e6:>20.2f}"
         )
     print(json.dumps({"benchmark": "data_sharing", "samples": n, "results": rows}))
+    from _plot import grouped_bars  # (this folder: the script's own)
+
+    worlds = sorted({r["world"] for r in rows})
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    rate = {(r["mode"], r["world"]): r["samples_per_s_per_worker"] for r in rows}
+    grouped_bars(
+        "data_sharing",
+        "data sources: samples/s per worker",
+        modes,
+        {f"N={w}": [rate.get((m, w)) for m in modes] for w in worlds},
+        "samples/s per worker",
+    )
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _plot import grouped_bars  # noqa: E402
 from multiproc import run_workers  # noqa: E402
 
 # steps per repeat, by (model, batch): about the same wall time for each config
@@ -185,6 +186,17 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {"benchmark": "dp_vs_ddp", "repeats": args.repeats, "geomean": geo, "rows": rows}
         )
+    )
+    grouped_bars(
+        "dp_vs_ddp",
+        "training samples/s: concord AllReduce vs DDP (no-comm: the ceiling)",
+        [f"N={r['world']}\n{r['model']} b{r['batch']}" for r in rows],
+        {
+            "DDP": [r["ddp_sps"] for r in rows],
+            "concord": [r["concord_sps"] for r in rows],
+            "no-comm": [r["ceiling"] * r["ddp_sps"] for r in rows],
+        },
+        "samples/s",
     )
     return 0
 

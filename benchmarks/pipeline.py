@@ -185,6 +185,15 @@ def main() -> None:
     worst = max(r["ratio"] for r in bubble)
     print(f"\nworst measured/theory bubble ratio: {worst:.2f} (goal <= 1.10)")
     print(json.dumps({"benchmark": "pipeline", "bubble": bubble, "memory": memory}))
+    from _plot import grouped_bars  # (this folder: the script's own)
+
+    grouped_bars(
+        "pipeline",
+        "pipeline bubble: measured vs (P-1)/(M+P-1)",
+        [f"P={r['stages']} M={r['microbatches']}\n{r['schedule']}" for r in bubble],
+        {"measured": [r["measured"] for r in bubble], "theory": [r["theory"] for r in bubble]},
+        "bubble fraction",
+    )
 
 
 if __name__ == "__main__":

@@ -202,6 +202,21 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     print(json.dumps({"benchmark": "ps_transfer", "reps": reps, "results": rows}))
+    from _plot import grouped_bars  # (this folder: the script's own)
+
+    grouped_bars(
+        "ps_transfer",
+        "one push + pull (lower is better)",
+        [f"{r['mb']} MB" for r in rows],
+        {
+            "concord": [r["concord_ms"] for r in rows],
+            "concord, TCP only": [r["concord_tcp_ms"] for r in rows],
+            "raw zmq echo": [r["zmq_ms"] for r in rows],
+            "torch rpc": [r["rpc_ms"] for r in rows],
+        },
+        "ms",
+        log=True,
+    )
     return 0
 
 

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from dp_vs_ddp import samples_per_s  # noqa: E402 - (the benchmarks folder is the script's own)
+from _plot import grouped_bars  # noqa: E402 - (the benchmarks folder is the script's own)
+from dp_vs_ddp import samples_per_s  # noqa: E402
 from multiproc import run_workers  # noqa: E402
 
 DIM, IDS, BATCH, CLASSES = 64, 20, 64, 10
@@ -108,6 +109,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['speedup_torch']:>11.2f}x"
         )
     print(json.dumps({"benchmark": "sparse_embedding", "repeats": args.repeats, "rows": rows}))
+    grouped_bars(
+        "sparse_embedding",
+        "sparse embedding gradients: samples/s, concord AllReduce vs DDP",
+        [f"N={r['world']}\nV={r['vocab']:,}" for r in rows],
+        {
+            "DDP": [r["ddp_sps"] for r in rows],
+            "concord (ring)": [r["concord_sps"] for r in rows],
+            "concord (torch engine)": [r["concord_torch_sps"] for r in rows],
+        },
+        "samples/s",
+    )
     return 0
 
 

@@ -214,6 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     summary["sync_ps_s2_vs_allreduce_n4"] = ratio
     summary["cpu_ps_s2_vs_allreduce_n4"] = cpu_ratio
     print(json.dumps(summary))
+    from _plot import grouped_bars  # (this folder: the script's own)
+
+    worlds = sorted({r["workers"] for r in rows})
+    series: dict[str, list[float | None]] = {}  # a bar per strategy and S, in table order
+    for name, s in dict.fromkeys((r["strategy"], r["servers"]) for r in rows):
+        rates = [by[name, n, s]["samples_per_s"] if (name, n, s) in by else None for n in worlds]
+        series[f"{name} S={s}" if s else name] = rates
+    title = "MNIST MLP samples/s by strategy"
+    grouped_bars("strategies", title, [f"N={n}" for n in worlds], series, "samples/s")
     return 0
 
 
@@ -252,6 +261,18 @@ def _pairs(args: argparse.Namespace) -> int:
         f"{statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f} (goal >= 0.9)"
     )
     print(json.dumps({"benchmark": "strategies-pairs", "steps": args.steps, "pairs": rows}))
+    from _plot import grouped_bars  # (this folder: the script's own)
+
+    grouped_bars(
+        "strategies_pairs",
+        "N=4 back to back: AllReduce vs sync PS (S=2), samples/s",
+        [f"pair {k}\nratio {r['ratio']:.2f}" for k, r in enumerate(rows)],
+        {
+            "AllReduce": [r["allreduce"] for r in rows],
+            "sync PS S=2": [r["ps_sync_s2"] for r in rows],
+        },
+        "samples/s",
+    )
     return 0
 
 
