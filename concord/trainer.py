@@ -26,6 +26,7 @@ from concord.errors import ConcordError, UsageError
 from concord.progress import progress
 from concord.strategies.base import DataShard
 from concord.strategies.ps.config import ParameterServer
+from concord.strategies.sparse import clip_grad_norm
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``Trainer(precision=...)``: the autocast dtype (fp16 also scales the loss)
@@ -137,7 +138,7 @@ class Trainer:
             if self.max_grad_norm is not None:  # (AllReduce: .grad is already the average)
                 if self.scaler is not None:
                     self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+                clip_grad_norm(self.model.parameters(), self.max_grad_norm)  # (sparse too)
         if self.scaler is None:
             self.optimizer.step()
         else:  # no update where the gradient overflowed (per strategy: see the README)

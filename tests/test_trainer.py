@@ -229,6 +229,19 @@ def test_max_grad_norm_clips_the_gradient_before_each_step():
     torch.optim.SGD(twin.parameters(), lr=1.0).step()
     for got, want in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # a sparse embedding gradient (torch's clip_grad_norm_ raises on it) clips as the dense one
+    torch.manual_seed(0)
+    bags = torch.nn.Sequential(torch.nn.EmbeddingBag(20, 4, sparse=True), torch.nn.Linear(4, 2))
+    dense = copy.deepcopy(bags)
+    dense[0].sparse = False
+    ids = torch.randint(0, 20, (8, 3))
+    opt = torch.optim.SGD(bags.parameters(), lr=1.0)
+    concord.Trainer(bags, opt, F.cross_entropy, ctx(), max_grad_norm=0.01).train_step(ids, y)
+    F.cross_entropy(dense(ids), y).backward()
+    assert float(torch.nn.utils.clip_grad_norm_(dense.parameters(), 0.01)) > 0.01
+    torch.optim.SGD(dense.parameters(), lr=1.0).step()
+    for got, want in zip(bags.parameters(), dense.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     stage = torch.nn.Linear(1, 1)
     stage.train_batch = lambda *args: 0.0  # a pipeline stage runs its own schedule
     with pytest.raises(UsageError, match="a pipeline stage holds only its own part"):

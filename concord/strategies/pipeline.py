@@ -60,7 +60,7 @@ from concord.strategies.pipeline_runtime import (
     StagePlace,
     first_line,
 )
-from concord.strategies.sparse import average_sparse_grads, sparse_grad_params
+from concord.strategies.sparse import average_sparse_grads, grad_values, sparse_grad_params
 
 if TYPE_CHECKING:
     from concord.comm.runtime import Context
@@ -381,7 +381,7 @@ class PipelineOptimizer(DistributedOptimizer):
         grads = [p.grad for p in self._params() if p.grad is not None]
         total = torch.zeros(1, dtype=torch.float64, device=self.device)
         if grads:  # float32 norms, as clip_grad_norm_ computes them
-            norms = torch.stack([torch.linalg.vector_norm(_values(g)) for g in grads])
+            norms = torch.stack([torch.linalg.vector_norm(grad_values(g)) for g in grads])
             total += torch.linalg.vector_norm(norms).double() ** 2
         world = self.place.stages * self.place.replicas
         what = "adding up the gradient norm of every stage (max_grad_norm)"
@@ -393,11 +393,6 @@ class PipelineOptimizer(DistributedOptimizer):
             self.clipped += 1
             for grad in grads:
                 grad.mul_(scale)
-
-
-def _values(grad: torch.Tensor) -> torch.Tensor:
-    """What a gradient's norm is taken over: a sparse one's summed values."""
-    return grad.coalesce().values() if grad.is_sparse else grad
 
 
 __all__ = [

@@ -11,10 +11,12 @@ as Horovod's ``sparse_as_dense``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+
+from concord.algorithms.ps_rules import clip_coefficient
 
 
 def sparse_grad_params(module: nn.Module) -> set[int]:
@@ -35,6 +37,26 @@ def sparse_rows(dense: torch.Tensor) -> torch.Tensor:
     development VM; this, 2.5 ms."""
     rows = dense.reshape(dense.shape[0], -1).ne(0).any(1).nonzero().squeeze(1)
     return _rows(rows, dense[rows], dense.shape)
+
+
+def grad_values(grad: torch.Tensor) -> torch.Tensor:
+    """What a gradient's norm is taken over: a sparse one's summed values, else itself."""
+    return grad.coalesce().values() if grad.is_sparse else grad
+
+
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_(params, max_norm)`` (its result, its scaling), which
+    also takes sparse gradients: torch's raises on them."""
+    params = list(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(g.is_sparse for g in grads):
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norms = torch.stack([torch.linalg.vector_norm(grad_values(g)) for g in grads])
+    total = float(torch.linalg.vector_norm(norms))
+    scale = clip_coefficient([total**2], max_norm)
+    for grad in grads:
+        grad.mul_(scale)
+    return total
 
 
 def average_sparse_grads(
