@@ -89,6 +89,15 @@ def test_workers_all_reduce_with_prefixed_output(tmp_path, workers):
 
 
 @pytest.mark.timeout(150)
+def test_sparse_embeddings_example_learns_with_two_optimizers():
+    """examples/sparse_embeddings.py: SparseAdam on the AllReduce-averaged sparse rows."""
+    result = _concord("run", "-n", "2", "examples/sparse_embeddings.py", cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = float(result.stdout.strip().splitlines()[-1].split("test_accuracy=")[1])
+    assert accuracy > 0.9  # (chance is 0.2)
+
+
+@pytest.mark.timeout(150)
 def test_unmodified_torchrun_script_runs_under_concord_run():
     result = _concord("run", "-n", "2", "examples/torchrun_style.py", "--steps", "3", cwd=ROOT)
     assert result.returncode == 0, result.stderr
