@@ -170,22 +170,26 @@ def make_sparse(head: bool, seed: int = 0):
     return model, torch.optim.SparseAdam(model.parameters(), lr=0.05)
 
 
-def train_sparse(model, opt, rank: int | None, world: int):
+def train_sparse(model, opt, rank: int | None, world: int, micro: int = 1):
     """STEPS steps on bags of ids, the flagged samples through the embedding (per step: none,
     worker 0's only, all); the embedding gradient's rows each step (None: no gradient), and
-    whether it was sparse whenever there was one."""
+    whether it was sparse whenever there was one. ``micro`` > 1: accumulate that many micro
+    batches per step, all but the last in ``no_sync``."""
     plain = model if rank is None else model.module
     gen = torch.Generator().manual_seed(2)
     rows, sparse = [], True
     for step in range(STEPS):
-        ids = torch.randint(0, VOCAB, (BATCH * world, 3), generator=gen)
-        y = torch.randint(0, 3, (BATCH * world,), generator=gen)
-        flags = torch.arange(BATCH * world) % world == 0  # worker 0's samples
-        flags = flags & (step % 3 == 1) | (step % 3 == 2)
-        if rank is not None:
-            ids, y, flags = ids[rank::world], y[rank::world], flags[rank::world]
         opt.zero_grad()
-        nn.functional.cross_entropy(model(ids, flags), y).backward()
+        for m in range(micro):
+            ids = torch.randint(0, VOCAB, (BATCH * world, 3), generator=gen)
+            y = torch.randint(0, 3, (BATCH * world,), generator=gen)
+            flags = torch.arange(BATCH * world) % world == 0  # worker 0's samples
+            flags = flags & (step % 3 == 1) | (step % 3 == 2)
+            if rank is not None:
+                ids, y, flags = ids[rank::world], y[rank::world], flags[rank::world]
+            local = rank is not None and m < micro - 1
+            with model.no_sync() if local else contextlib.nullcontext():
+                (nn.functional.cross_entropy(model(ids, flags), y) / micro).backward()
         grad = plain.emb.weight.grad
         sparse = sparse and (grad is None or grad.is_sparse)
         rows.append(None if grad is None else grad.coalesce().indices()[0].tolist())
@@ -224,6 +228,9 @@ def _worker(world: int) -> dict:
             model, opt = concord.distribute(*make_sparse(head, seed=ctx.rank), strategy)
             out[engine, "sparse", head] = train_sparse(model, opt, ctx.rank, world)
             model.close()
+        model, opt = concord.distribute(*make_sparse(True, seed=ctx.rank), strategy)
+        out[engine, "sparse", "accumulate"] = train_sparse(model, opt, ctx.rank, world, micro=2)
+        model.close()
         model = FunctionalEmbedding()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         model, opt = concord.distribute(model, opt, strategy)
@@ -366,6 +373,18 @@ def test_sparse_embedding_gradients_match_one_process(job, engine, head):
         assert sparse and rows == want_rows
         for got, ref, first in zip(params, want, results[0][engine, "sparse", head][0]):
             assert torch.equal(got, first)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sparse_gradients_accumulate_under_no_sync_as_one_process(job, engine):
+    world, results = job
+    want, want_rows, _ = train_sparse(*make_sparse(True), rank=None, world=world, micro=2)
+    for res in results:
+        params, rows, sparse = res[engine, "sparse", "accumulate"]
+        assert sparse and rows == want_rows
+        for got, ref in zip(params, want):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
