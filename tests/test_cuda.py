@@ -166,3 +166,51 @@ def test_concord_train_on_the_gpu(tmp_path):
     assert trainer.resume(tmp_path / "checkpoint.pt") == 1
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, saved["model"][name].cpu(), rtol=0, atol=0)
+
+
+def _bags_step(step: int, device) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    gen = torch.Generator().manual_seed(300 + step)
+    ids, y = torch.randint(0, 50, (16, 4), generator=gen), torch.randint(0, 3, (16,), generator=gen)
+    return ids.to(device), y.to(device)
+
+
+def _bag_model(device):  # noqa: ANN001
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.EmbeddingBag(50, 8, sparse=True), torch.nn.Linear(8, 3))
+    return model.to(device)
+
+
+def _sparse_worker():
+    """A sparse embedding on the GPU through the torch engine (nccl has no sparse all_reduce:
+    a mask of the touched rows, then their values); whether .grad stayed a sparse CUDA tensor."""
+    import concord
+    from concord.strategies.allreduce import AllReduceModel, AllReduceOptimizer
+
+    ctx = concord.init(timeout=60)
+    model = _bag_model(ctx.device)
+    wrapped = AllReduceModel(model, concord.AllReduce(engine="torch")._reducer(model, ctx))
+    opt = AllReduceOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), wrapped, None)
+    layouts = set()
+    for step in range(STEPS):
+        ids, y = _bags_step(step, ctx.device)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(wrapped(ids), y).backward()
+        grad = model[0].weight.grad
+        layouts.add((grad.is_sparse, grad.device.type))
+        opt.step()
+    return str(ctx.device), layouts, _params(model)
+
+
+@pytest.mark.timeout(120)
+def test_sparse_embedding_on_the_gpu_reduces_its_rows_through_nccl():
+    (result,) = run_workers(_sparse_worker, 1, timeout=90)
+    device, layouts, params = result
+    model = _bag_model("cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(STEPS):
+        ids, y = _bags_step(step, "cuda")
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(ids), y).backward()
+        opt.step()
+    assert device == "cuda:0" and layouts == {(True, "cuda")}
+    _close(params, _params(model))
