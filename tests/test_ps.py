@@ -130,11 +130,12 @@ def _wait(opt, done, limit: float = 30.0) -> None:
 
 
 def _late(opt):
-    """A step that pushes only after the servers finished this step without us."""
+    """A step that pushes only after the servers finished this step without us (round t is
+    done once the version passed t, even if this worker registered after it finished)."""
     push = opt.step
 
     def step():
-        _wait(opt, lambda s: s["version"] > opt.versions[0])
+        _wait(opt, lambda s: s["version"] > opt.steps)
         push()
 
     return step
