@@ -60,7 +60,7 @@ from concord.strategies.pipeline_runtime import (
     StagePlace,
     first_line,
 )
-from concord.strategies.sparse import average_sparse_grads, grad_values, sparse_grad_params
+from concord.strategies.sparse import average_sparse_grads, grad_norm, sparse_grad_params
 
 if TYPE_CHECKING:
     from concord.comm.runtime import Context
@@ -380,9 +380,8 @@ class PipelineOptimizer(DistributedOptimizer):
         model: one all_reduce of the stages' squared norms (each replica adds the same part)."""
         grads = [p.grad for p in self._params() if p.grad is not None]
         total = torch.zeros(1, dtype=torch.float64, device=self.device)
-        if grads:  # float32 norms, as clip_grad_norm_ computes them
-            norms = torch.stack([torch.linalg.vector_norm(grad_values(g)) for g in grads])
-            total += torch.linalg.vector_norm(norms).double() ** 2
+        if grads:
+            total += grad_norm(grads).double() ** 2
         world = self.place.stages * self.place.replicas
         what = "adding up the gradient norm of every stage (max_grad_norm)"
         self._all_reduce(total, None, list(range(world)), what)

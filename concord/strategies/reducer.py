@@ -165,6 +165,7 @@ class RingEngine:
     """Buckets reduced by concord's ring over shared memory, on one background thread."""
 
     name = "ring"
+    sum_sparse = None  # sparse gradients: a row mask, then the rows, through sum_now
 
     def __init__(
         self,
@@ -341,8 +342,9 @@ class Reducer:
             for wait in self._waits:
                 wait()
             # after every bucket, so all workers issue the same collectives in the same order
-            sum_sparse = getattr(self.engine, "sum_sparse", None)
-            average_sparse_grads(self.sparse, self.world, self.engine.sum_now, sum_sparse)
+            average_sparse_grads(
+                self.sparse, self.world, self.engine.sum_now, self.engine.sum_sparse
+            )
         finally:
             self._reset()
         self._synced = True

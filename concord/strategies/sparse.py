@@ -44,6 +44,14 @@ def grad_values(grad: torch.Tensor) -> torch.Tensor:
     return grad.coalesce().values() if grad.is_sparse else grad
 
 
+def grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of ``grads`` together (sparse ones too), computed as ``clip_grad_norm_``
+    computes it: the norm of the per-tensor norms, in their dtype."""
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(grad_values(g)) for g in grads])
+    )
+
+
 def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
     """``torch.nn.utils.clip_grad_norm_(params, max_norm)`` (its result, its scaling), which
     also takes sparse gradients: torch's raises on them."""
@@ -51,8 +59,7 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not any(g.is_sparse for g in grads):
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    norms = torch.stack([torch.linalg.vector_norm(grad_values(g)) for g in grads])
-    total = float(torch.linalg.vector_norm(norms))
+    total = float(grad_norm(grads))
     scale = clip_coefficient([total**2], max_norm)
     for grad in grads:
         grad.mul_(scale)
