@@ -216,12 +216,15 @@ def test_loss_scaler_overflow_on_one_worker_skips_the_round_as_one_process_skips
     assert all("use overlap=False with torch.amp.GradScaler" in e for e in errors), errors
 
 
+VOCAB = 50_000  # the table (1.6 MB) is cut mid-row between the two servers
+
+
 class BagNet(nn.Module):
     """``nn.EmbeddingBag(sparse=True)`` (sums of 4 ids per sample) and a linear head."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.bag = nn.EmbeddingBag(50, 8, mode="sum", sparse=True)
+        self.bag = nn.EmbeddingBag(VOCAB, 8, mode="sum", sparse=True)
         self.fc = nn.Linear(8, 3)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -231,7 +234,8 @@ class BagNet(nn.Module):
 def _train_bags(model, opt, rank: int, world: int) -> None:
     for step in range(STEPS):
         gen = torch.Generator().manual_seed(200 + step)
-        ids = torch.randint(0, 50, (GLOBAL_BATCH, 4), generator=gen)
+        ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, 4), generator=gen)
+        ids[:, 0] = VOCAB // 2 - step  # rows near the servers' cut (row 25,000) too
         y = torch.randint(0, 3, (GLOBAL_BATCH,), generator=gen)
         mine = torch.arange(rank, GLOBAL_BATCH, world)
         opt.zero_grad()
@@ -240,31 +244,50 @@ def _train_bags(model, opt, rank: int, world: int) -> None:
         opt.step()
 
 
-def _bag_worker(overlap: bool) -> list[torch.Tensor]:
+def _bag_sgd(model: BagNet) -> torch.optim.SGD:
+    """Plain SGD on the table (only touched rows change), momentum on the head."""
+    groups = [
+        {"params": model.bag.parameters()},
+        {"params": model.fc.parameters(), "momentum": 0.9},
+    ]
+    return torch.optim.SGD(groups, lr=0.5)
+
+
+def _bag_worker(overlap: bool) -> tuple[list[torch.Tensor], list[dict]]:
     import concord
 
     ctx = concord.init(timeout=60)
     torch.manual_seed(0 if ctx.rank == 0 else ctx.rank + 7)
     model = BagNet()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    opt = _bag_sgd(model)
     model, opt = concord.distribute(model, opt, concord.ParameterServer(overlap=overlap))
     _train_bags(model, opt, ctx.rank, ctx.world_size)
-    opt.close()  # (overlap=True: loads the last parameters)
-    return [p.detach().clone() for p in model.parameters()]
+    stats = opt.server_stats()  # (overlap=True: loads the last parameters first)
+    opt.close()
+    return [p.detach().clone() for p in model.parameters()], stats
 
 
 @pytest.mark.timeout(150)
-def test_sparse_embedding_gradients_are_pushed_dense_and_match_one_process():
-    """A sparse gradient travels dense (split across both servers; pushed from the backward
-    hooks with overlap=True, the same packing as without); torch's sparse SGD with momentum in
-    one process does the same arithmetic on the rows it touches."""
+def test_sparse_embedding_gradients_travel_as_rows_and_match_one_process():
+    """The table is cut mid-row between two servers: server 0's piece is a pack of its own,
+    takes the touched rows only and (plain SGD: other rows stay) answers with the round's
+    rows; server 1's shares a pack with the head and travels dense both ways. Pushed from the
+    backward hooks (overlap=True, the same packing as without). The servers' dense SGD
+    equals torch's sparse SGD in one process (rows without a gradient add zero) to 1e-5."""
     job = run_ps_job(_bag_worker, 2, 2, args=(True,))
     torch.manual_seed(0)
     model = BagNet()
-    _train_bags(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), 0, 1)
-    for params in job.results:
+    _train_bags(model, _bag_sgd(model), 0, 1)
+    for params, _ in job.results:
         for got, ref in zip(params, model.parameters()):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    first, second = job.results[0][1]  # server 0: about half the table, 0.8 MB
+    assert first["pushes"] == 2 * STEPS
+    # registration sends the piece in once and out twice; dense pushes and replies would
+    # move it 12 times more each way (10 MB); server 1 does
+    assert first["bytes_in"] < 0.85e6 + 2 * STEPS * 20_000, first["bytes_in"]  # lanes included
+    assert first["bytes_out"] < 1.7e6 + 2 * STEPS * 20_000, first["bytes_out"]
+    assert second["bytes_out"] > 2 * STEPS * 0.7e6, second["bytes_out"]
 
 
 @pytest.mark.timeout(120)

@@ -5,6 +5,7 @@ decisions driven through a fake channel (deterministic: no sockets, no timing)."
 from __future__ import annotations
 
 import time
+import weakref
 from collections import Counter
 from datetime import timedelta
 from types import SimpleNamespace
@@ -25,6 +26,8 @@ from concord.algorithms.ps_plan import (
     spec_from_optimizer,
 )
 from concord.algorithms.ps_rules import StalenessClock, SyncAggregator, clip_coefficient
+from concord.algorithms.row_grads import ROWS_SUFFIX, RowGrad
+from concord.comm.parts import split_message
 from concord.comm.server_channel import LaneBytes, Request
 from concord.comm.wire import Message, WireError
 from concord.errors import PeerTimeoutError, UsageError
@@ -213,6 +216,61 @@ def test_sync_round_with_a_backup_worker_drops_the_late_one():
         SyncAggregator(workers=2, backup_workers=2)
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    rows_in=st.integers(1, 9),
+    width=st.integers(1, 5),
+    cut=st.tuples(st.integers(0, 45), st.integers(0, 45)),
+    chosen=st.sets(st.integers(0, 8)),
+)
+def test_row_grad_adds_exactly_the_piece_s_elements_of_its_rows(rows_in, width, cut, chosen):
+    """A piece may start and end mid-row: its part of the rows, nothing else, is added."""
+    numel = rows_in * width
+    start, stop = sorted(min(c, numel) for c in cut)
+    table = torch.randn(rows_in, width, dtype=torch.float64)
+    first = start // width
+    end = (stop - 1) // width + 1 if stop > start else 0
+    rows = torch.tensor(sorted(r for r in chosen if first <= r < end), dtype=torch.long)
+    dense = torch.zeros(rows_in, width, dtype=torch.float64)
+    dense[rows] = table[rows]
+    grad = RowGrad.checked(rows, table[rows].reshape(-1), width, start, stop - start)
+    target = torch.ones(stop - start, dtype=torch.float64)
+    grad.add_to(target)
+    torch.testing.assert_close(target, 1 + dense.reshape(-1)[start:stop], rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad.dense(target), dense.reshape(-1)[start:stop])
+
+
+def test_row_grad_refuses_bad_rows():
+    values = torch.ones(2, 4)
+    bad = [
+        (torch.tensor([1, 2], dtype=torch.int32), values, "1-D int64"),
+        (torch.tensor([[1, 2]]), values, "1-D int64"),
+        (torch.tensor([1, 2]), torch.ones(7), "need 8 values, got 7"),
+        (torch.tensor([2, 1]), values, "sorted and unique"),
+        (torch.tensor([1, 1]), values, "sorted and unique"),
+        (torch.tensor([0, 2]), values, r"in \[1, 4\)"),  # piece [5, 13): rows 1..3
+        (torch.tensor([1, 4]), values, r"in \[1, 4\)"),
+        (torch.tensor([-1, 2]), values, r"in \[1, 4\)"),
+    ]
+    for rows, vals, match in bad:
+        with pytest.raises(ValueError, match=match):
+            RowGrad.checked(rows, vals, 4, 5, 8)
+    with pytest.raises(ValueError, match="no rows"):
+        RowGrad.checked(torch.tensor([0]), torch.ones(0), 0, 0, 0)
+
+
+def test_sync_round_adds_rows_and_dense_pushes_alike():
+    """One worker pushes rows (a sparse gradient), the other the same piece dense."""
+    agg = SyncAggregator(workers=2)
+    rows = RowGrad.checked(torch.tensor([0, 2]), torch.tensor([1.0, 2, 3, 4]), 2, 1, 4)
+    assert agg.push(0, 0, {"p": rows}) == "counted"  # piece = elements [1, 5) of a 3x2 table
+    agg.push(1, 0, {"p": torch.tensor([2.0, 2, 2, 2])})
+    assert torch.equal(agg.finish().grads["p"], torch.tensor([2.0, 1, 1, 2.5]))
+    agg.push(0, 1, {"p": torch.full((4,), 4.0)})  # buffers are reused; rows start from zero
+    agg.push(1, 1, {"p": rows})
+    assert torch.equal(agg.finish().grads["p"], torch.tensor([3.0, 2, 2, 3.5]))
+
+
 def test_removing_a_worker_can_complete_the_round():
     agg = SyncAggregator(workers=2)
     agg.push(0, 0, {"a": torch.ones(1)})
@@ -326,6 +384,65 @@ def test_shard_keeps_pieces_as_views_of_packs_and_checks_pushed_packs():
     assert after.data_ptr() == shard.values["w[0:2]"].data_ptr()  # pieces view their pack
     with pytest.raises(WireError, match="described twice"):
         Shard(0).register_first(config, metas + metas[:1], spec, initial)
+
+
+def test_shard_takes_a_sparse_gradient_s_rows_for_a_one_piece_pack():
+    """Piece ``e[3:13]`` of a 5x4 table (mid-row at both ends) travels alone in its pack;
+    ``w`` and ``v`` share one and must come dense."""
+    config = ParameterServer().config(1)
+    metas = [piece_meta(Piece("e", 3, 13, 0), (5, 4), "float64", 0)]
+    metas += _metas(shape=(2,), name="w") + _metas(shape=(3,), name="v")
+    initial = {"e[3:13]": torch.zeros(10, dtype=torch.float64)}
+    initial |= {"w[0:2]": torch.ones(2), "v[0:3]": torch.ones(3)}
+    shard = Shard(0)
+    shard.register_first(config, metas, {"name": "SGD", "groups": [{"lr": 1.0}]}, initial)
+    assert shard.row_packs == {"pack0": (4, 3, 10)}
+    dense = {"pack1": torch.ones(5)}
+    rows = {
+        "pack0": torch.arange(8.0, dtype=torch.float64),
+        "pack0" + ROWS_SUFFIX: torch.tensor([0, 3]),
+    }
+    packs = shard.check_push({**dense, **rows}, "gradient", rows_ok=True)
+    assert isinstance(packs["pack0"], RowGrad) and packs["pack1"] is dense["pack1"]
+    grads = shard.piece_grads(packs)  # (async) made dense: row 0's element 3, row 3's 0
+    want = torch.tensor([3.0, 0, 0, 0, 0, 0, 0, 0, 0, 4], dtype=torch.float64)
+    assert torch.equal(grads["e[3:13]"], want)
+    shard.apply_grads(grads)
+    assert torch.equal(shard.values["e[3:13]"], -grads["e[3:13]"])
+    bad = [
+        ({**dense, **rows}, False, "shape", "must carry packs"),  # rows only for gradients
+        (
+            {**dense, "pack1" + ROWS_SUFFIX: torch.tensor([0]), **rows},
+            True,
+            "shape",
+            "several pieces",
+        ),
+        (
+            {**dense, "pack7" + ROWS_SUFFIX: torch.tensor([0]), **rows},
+            True,
+            "shape",
+            "must carry packs",
+        ),
+        ({**dense, "pack0" + ROWS_SUFFIX: torch.tensor([0])}, True, "shape", "must carry packs"),
+        ({**dense, **rows, "pack0": torch.ones(8)}, True, "dtype", "is torch.float32"),
+        (
+            {**dense, **rows, "pack0" + ROWS_SUFFIX: torch.tensor([0, 5])},
+            True,
+            "shape",
+            r"in \[0, 4\)",
+        ),
+        (
+            {**dense, **rows, "pack0" + ROWS_SUFFIX: torch.tensor([1])},
+            True,
+            "shape",
+            "need 4 values, got 8",
+        ),
+        ({"pack1": torch.ones(4), **rows}, True, "shape", "has 4 elements, expected 5"),
+    ]
+    for tensors, rows_ok, kind, match in bad:
+        with pytest.raises(WireError, match=match) as err:
+            shard.check_push(tensors, "gradient", rows_ok=rows_ok)
+        assert err.value.kind == kind
 
 
 def test_shard_rejects_bad_descriptions_and_optimizers():
@@ -618,3 +735,105 @@ def test_server_loads_worker_0s_checkpoint_and_holds_the_others_until_then():
     ((peer, error),) = chan.sent
     assert peer == b"w1" and error.meta["kind"] == "timeout"
     assert "worker 0 did not load its checkpoint within 10s" in error.meta["error"]
+
+
+class PartsChannel(FakeChannel):
+    """A FakeChannel that cuts every reply into parts of one tensor each, stepping before
+    each part as the real channel does, and keeps each peer's parts for :class:`Loopback`."""
+
+    def reply_many(self, peers: list[bytes], msg: Message, track: bool = False, before_part=None):
+        parts = split_message(msg, 0, part_bytes=1)
+        for part in parts:
+            if before_part is not None:
+                before_part(part)
+        self.sent.extend((peer, parts) for peer in peers)
+        return [None] * len(peers)
+
+
+class Loopback:
+    """A worker's channel wired straight into an in-process ShardServer."""
+
+    def __init__(self, server: ShardServer, peer: bytes) -> None:
+        self.server, self.peer = server, peer
+
+    def lane_space(self, nbytes: int) -> None:
+        return None
+
+    def send(self, msg: Message) -> None:
+        self.server.dispatch(Request(self.peer, msg, 0))
+
+    def recv(self, awaiting: str, timeout=None, on_part=None, views: bool = False) -> Message:
+        sent = self.server.chan.sent
+        i = next(i for i, (peer, _) in enumerate(sent) if peer == self.peer)
+        parts = sent.pop(i)[1]
+        parts = parts if isinstance(parts, list) else [parts]
+        for part in parts:
+            if on_part is not None:
+                on_part(part)
+        whole = parts[0]
+        for part in parts[1:]:
+            whole = Message(whole.op, step=whole.step, tensors={**whole.tensors, **part.tensors})
+        return whole
+
+
+def _table_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    # a float64 table: a pack of its own next to the float32 head's
+    table = torch.nn.Embedding(40, 3, sparse=True, dtype=torch.float64)
+    return torch.nn.ModuleDict({"table": table, "head": torch.nn.Linear(3, 2)})
+
+
+def _table_loss(model: torch.nn.Module, step: int) -> torch.Tensor:
+    ids = torch.tensor([[step, 2 * step + 1, 7], [30 - step, 7, 39]])
+    x = model["table"](ids).sum(1).float()
+    return model["head"](x).pow(2).mean()
+
+
+@pytest.mark.parametrize("kind", ["adagrad", "sgd", "sgd-momentum"])
+def test_a_sync_round_replies_with_the_touched_rows_when_only_they_change(kind):
+    """One worker, one server, the table alone in its pack: pushes carry its rows; replies
+    carry the round's rows (numbers and values in separate parts) when the optimizer leaves
+    other rows alone (Adagrad, plain SGD), else the whole table (momentum moves every row it
+    ever touched). The worker's model equals one process's, step by step."""
+    from concord.strategies.ps.client import PSOptimizer, describe
+    from concord.strategies.sparse import sparse_grad_params
+
+    def optimizer(model):
+        if kind == "adagrad":
+            return torch.optim.Adagrad(model.parameters(), lr=0.3)
+        return torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9 * (kind != "sgd"))
+
+    chan = PartsChannel()
+    server = ShardServer(chan, rank=0, workers=1, timeout=10)
+    model = _table_model()
+    opt = optimizer(model)
+    params, infos = describe(model, opt)
+    ctx = SimpleNamespace(rank=0, world_size=1, timeout=5)
+    ps = PSOptimizer(
+        opt, ParameterServer(), ctx, params, infos, plan_shards(infos, 1).shards,
+        [Loopback(server, b"w0")],
+    )  # fmt: skip
+    ps._finalizer.detach()
+    ps._finalizer = weakref.finalize(ps, lambda: None)  # open, and no goodbye to send
+    ps.sparse = sparse_grad_params(model)
+    ps.register(spec_from_optimizer(opt).to_json())
+    reference = _table_model()
+    ref_opt = optimizer(reference)
+    replies = []
+    original = chan.reply_many
+
+    def record(peers, msg, track=False, before_part=None):
+        replies.append(list(msg.tensors))
+        return original(peers, msg, track, before_part)
+
+    chan.reply_many = record
+    for step in range(4):
+        for m, o in ((model, ps), (reference, ref_opt)):
+            o.zero_grad()
+            _table_loss(m, step).backward()
+            o.step()
+        for got, want in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    rows = kind != "sgd-momentum"
+    assert replies == [["pack0@rows", "pack0", "pack1"] if rows else ["pack0", "pack1"]] * 4
+    assert server.stats()["rejected"] == {}

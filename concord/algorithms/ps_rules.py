@@ -13,19 +13,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from concord.algorithms.row_grads import RowGrad
+
 
 @dataclass(frozen=True)
 class RoundResult:
     """A finished sync step: the averaged gradients and who contributed.
 
     ``grads`` has one entry per key pushed; ``absent`` names the pieces that no contributor
-    had a gradient for (the optimizer skips them, as in one process).
+    had a gradient for (the optimizer skips them, as in one process); ``rows`` gives, for
+    each key every contributor pushed as rows, the rows any of them touched (sorted, unique).
     """
 
     step: int
     contributors: tuple[int, ...]
     grads: dict[str, torch.Tensor]
     absent: frozenset[str] = frozenset()
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -39,7 +43,9 @@ class SyncAggregator:
     ``dropped``). The averages ``finish`` returns live in those buffers: use them before the
     next round's first push. Missing gradients of a contributor count as zero in the
     average, which equals one process computing the mean loss over the global batch: a push
-    either leaves a key out or sends zeros for it and names it in ``absent``.
+    either leaves a key out or sends zeros for it and names it in ``absent``. A sparse
+    gradient may come as a :class:`~concord.algorithms.row_grads.RowGrad`: its rows are added
+    into a zeroed sum, so the average is the same dense tensor.
     """
 
     workers: int
@@ -51,6 +57,7 @@ class SyncAggregator:
     _buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     _contributors: list[int] = field(default_factory=list)
     _absent: frozenset[str] = frozenset()
+    _rows: dict[str, list[torch.Tensor] | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.workers < 1 or not 0 <= self.backup_workers < self.workers:
@@ -81,7 +88,7 @@ class SyncAggregator:
         self,
         worker: int,
         step: int,
-        grads: Mapping[str, torch.Tensor],
+        grads: Mapping[str, torch.Tensor | RowGrad],
         absent: frozenset[str] = frozenset(),
     ) -> str:
         if step < self.version:
@@ -98,14 +105,30 @@ class SyncAggregator:
         self._absent = self._absent & absent if self._contributors else absent
         self._contributors.append(worker)
         for key, grad in grads.items():
-            if key in self._sums:
-                self._sums[key].add_(grad)
+            total = self._sums.get(key)
+            if isinstance(grad, RowGrad):  # a sparse gradient's rows: added where they fall
+                if total is None:
+                    total = self._sums[key] = self._buffer(key, (grad.numel,), grad.values.dtype)
+                    total.zero_()
+                    self._rows[key] = []
+                grad.add_to(total)
+                rows = self._rows[key]
+                if rows is not None:
+                    rows.append(grad.rows.clone())  # (a view of the receive buffer)
                 continue
-            total = self._buffers.get(key)
-            if total is None or total.shape != grad.shape or total.dtype != grad.dtype:
-                total = self._buffers[key] = torch.empty_like(grad)
-            self._sums[key] = total.copy_(grad)
+            self._rows[key] = None  # pushed dense by someone: which rows changed is unknown
+            if total is not None:
+                total.add_(grad)
+            else:
+                self._sums[key] = self._buffer(key, grad.shape, grad.dtype).copy_(grad)
         return "complete" if self.complete else "counted"
+
+    def _buffer(self, key: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """The reusable sum buffer of ``key``."""
+        total = self._buffers.get(key)
+        if total is None or total.shape != tuple(shape) or total.dtype != dtype:
+            total = self._buffers[key] = torch.empty(tuple(shape), dtype=dtype)
+        return total
 
     def finish(self) -> RoundResult:
         """Average the round's gradients, advance the version, start the next round."""
@@ -115,9 +138,10 @@ class SyncAggregator:
         grads = {
             key: total.div_(count) if count > 1 else total for key, total in self._sums.items()
         }
-        result = RoundResult(self.version, tuple(self._contributors), grads, self._absent)
+        rows = {key: torch.cat(r).unique() for key, r in self._rows.items() if r is not None}
+        result = RoundResult(self.version, tuple(self._contributors), grads, self._absent, rows)
         self.version += 1
-        self._sums, self._contributors = {}, []
+        self._sums, self._contributors, self._rows = {}, [], {}
         return result
 
     def remove(self, worker: int) -> bool:

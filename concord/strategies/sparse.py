@@ -5,7 +5,8 @@ dense sums through their own collectives (the shared-memory ring, nccl): a mask 
 any worker touched, then only those rows' values; or, with gloo on the CPU, as DDP does: one
 all_reduce of the sparse tensor itself. ``.grad`` stays sparse over exactly
 those rows, as in one process, so sparse optimizers such as ``torch.optim.SparseAdam`` work.
-Parameter servers keep dense shards and receive such a gradient dense (:func:`dense_grad`,
+Parameter servers keep dense shards; a worker pushes such a gradient as the rows it touched
+(:func:`piece_rows`) wherever its table's piece travels alone, else dense (:func:`dense_grad`,
 as Horovod's ``sparse_as_dense``).
 """
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from concord.algorithms.ps_rules import clip_coefficient
+from concord.algorithms.row_grads import row_range, row_width
 
 
 def sparse_grad_params(module: nn.Module) -> set[int]:
@@ -29,6 +31,21 @@ def sparse_grad_params(module: nn.Module) -> set[int]:
 def dense_grad(grad: torch.Tensor) -> torch.Tensor:
     """``grad`` as a dense tensor (a sparse one densified)."""
     return grad.to_dense() if grad.is_sparse else grad
+
+
+def piece_rows(param: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, rows)``: the rows of ``param``'s sparse gradient (summed, in order) that
+    overlap elements ``[start, stop)`` of the flattened parameter, on the CPU; ``values`` is
+    ``(k, row width)``. No gradient has no rows."""
+    width = row_width(param.shape)
+    if param.grad is None:
+        return param.new_zeros(0, width, device="cpu"), torch.zeros(0, dtype=torch.long)
+    grad = param.grad.coalesce()
+    numbers = grad.indices()[0]
+    first, end = row_range(start, stop, width)
+    bounds = torch.tensor([first, end], dtype=numbers.dtype, device=numbers.device)
+    a, b = torch.searchsorted(numbers, bounds).tolist()
+    return grad.values()[a:b].reshape(b - a, width).cpu(), numbers[a:b].cpu()
 
 
 def sparse_rows(dense: torch.Tensor) -> torch.Tensor:

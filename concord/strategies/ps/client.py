@@ -9,7 +9,8 @@ shards work in parallel:
 
 - push="grad": the gradients, packed (:func:`concord.algorithms.ps_plan.pack_pieces`: one
   flat tensor per run of pieces, zeros for a parameter without ``.grad``, which
-  ``meta["absent"]`` names; a sparse gradient densified); the reply carries the shard's new
+  ``meta["absent"]`` names; a sparse gradient densified, or, where its table's piece is a pack
+  of its own, only the rows it touched); the reply carries the shard's new
   parameters, packed the same way, copied into the model. The local optimizer never steps.
 - push="delta": the local optimizer steps, the change since the last pull is pushed (packed),
   and the server's latest parameters replace the local ones.
@@ -50,6 +51,7 @@ from concord.algorithms.ps_state import (
     settings_by_param,
     state_layout,
 )
+from concord.algorithms.row_grads import ROWS_SUFFIX, check_rows, piece_elements, row_width
 from concord.comm.alloc import keep_freed_memory
 from concord.comm.channel import ClientChannel, lanes_wanted
 from concord.comm.discovery import wait_for_address
@@ -59,7 +61,7 @@ from concord.strategies.allreduce import broadcast_state
 from concord.strategies.base import DistributedOptimizer
 from concord.strategies.ps.config import ParameterServer
 from concord.strategies.ps.shard import piece_meta
-from concord.strategies.sparse import dense_grad
+from concord.strategies.sparse import dense_grad, piece_rows, sparse_grad_params
 
 log = logging.getLogger("concord.ps")
 
@@ -120,6 +122,7 @@ def connect(
     if strategy.overlap:  # pushes from autograd hooks, pulls in the background
         from concord.strategies.ps.overlap import OverlapPSOptimizer as cls
     opt = cls(optimizer, strategy, ctx, params, infos, plan.shards, channels)
+    opt.sparse = sparse_grad_params(model)
     opt.register(spec)
     opt.attach(model)
     return opt
@@ -147,6 +150,7 @@ class PSOptimizer(DistributedOptimizer):
         self._packs = [_packs(slots) for slots in self._slots]
         self._buffers: dict[tuple[int, str], torch.Tensor] = {}  # reused push packs
         self._push_views = True  # a one-piece pack may be the gradient itself (see _pack)
+        self.sparse: set[int] = set()  # id()s of the parameters whose gradient is sparse
         self.channels = channels
         self.versions = [0] * len(channels)
         self.steps = 0  # pushes made; a sync push is labelled with it (see step())
@@ -321,6 +325,15 @@ class PSOptimizer(DistributedOptimizer):
         """Server ``s``'s gradient packs, and the indices of its pieces without a gradient."""
         out, absent, index = {}, [], 0
         for pack, members in self._packs[s]:
+            if self._push_rows(members):  # a sparse gradient's rows, alone in their pack
+                ((pc, param),) = members
+                values, rows = piece_rows(param, pc.start, pc.stop)
+                if not self._push_views:  # step() returns before zmq reads them
+                    values = values.clone()
+                out[pack.key], out[pack.key + ROWS_SUFFIX] = values, rows
+                absent.extend([index] if param.grad is None else [])
+                index += 1
+                continue
             pieces = []
             for pc, param in members:
                 grad = param.grad
@@ -332,6 +345,14 @@ class PSOptimizer(DistributedOptimizer):
                 index += 1
             out[pack.key] = self._pack(s, pack, pieces)
         return out, absent
+
+    def _push_rows(self, members: list[tuple[Piece, nn.Parameter]]) -> bool:
+        """Whether a pack goes as rows (:mod:`concord.algorithms.row_grads`): the one piece of
+        a parameter whose gradient is sparse (or None)."""
+        if len(members) != 1 or id(members[0][1]) not in self.sparse:
+            return False
+        grad = members[0][1].grad
+        return grad is None or grad.is_sparse
 
     def _pack(self, s: int, pack: Pack, pieces: list[torch.Tensor]) -> torch.Tensor:
         """One flat CPU tensor of ``pieces``: built in server ``s``'s lane when it has room (no
@@ -389,26 +410,38 @@ class PSOptimizer(DistributedOptimizer):
     def _collect(self, awaiting: str, timeout: float) -> None:
         for s, chan in enumerate(self.channels):
             loaded: set[str] = set()
+            rows: dict[str, torch.Tensor] = {}  # row numbers whose values come in a later part
             reply = chan.recv(
                 awaiting=f"{awaiting} (worker {self.rank})",
                 timeout=timeout,
-                on_part=lambda part, s=s, loaded=loaded: loaded.update(self._copy_in(s, part)),
+                on_part=lambda part, s=s, loaded=loaded, rows=rows: loaded.update(
+                    self._copy_in(s, part, rows)
+                ),
                 views=self.strategy.push == "grad",  # copied into the model, never kept
             )
             self._finish_load(s, reply, loaded)
 
     def _load(self, s: int, reply: Message) -> None:
         """Load a whole reply of server ``s`` (its parameters) into the model."""
-        self._finish_load(s, reply, self._copy_in(s, reply))
+        self._finish_load(s, reply, self._copy_in(s, reply, {}))
 
     @torch.no_grad()
-    def _copy_in(self, s: int, part: Message) -> set[str]:
-        """Copy the packs in ``part`` (all or some of server ``s``'s) into the model."""
+    def _copy_in(self, s: int, part: Message, rows: dict[str, torch.Tensor]) -> set[str]:
+        """Copy the packs in ``part`` (all or some of server ``s``'s) into the model; a pack
+        that comes as rows (after a sync round, see ``Shard.round_reply``) updates only those
+        (``rows`` keeps row numbers that came in an earlier part of the same reply)."""
         if part.op != "params":
             raise ProtocolError(f"server {s} answered {part.op!r}, expected 'params'")
         for pack, members in self._packs[s]:
+            numbers = part.tensors.get(pack.key + ROWS_SUFFIX)
+            if numbers is not None:
+                rows[pack.key] = numbers.clone()  # (it may be a view of a reused buffer)
             value = part.tensors.get(pack.key)
             if value is None:
+                continue
+            numbers = rows.pop(pack.key, None)
+            if numbers is not None:
+                self._copy_rows(s, pack, members, numbers, value)
                 continue
             if value.numel() != pack.numel:
                 raise ProtocolError(f"server {s} sent a wrong-size value for {pack.key}")
@@ -417,6 +450,25 @@ class PSOptimizer(DistributedOptimizer):
             if self.strategy.push == "delta":
                 self._base[s, pack.key] = value
         return set(part.tensors)
+
+    def _copy_rows(
+        self, s: int, pack: Pack, members: list, numbers: torch.Tensor, value: torch.Tensor
+    ) -> None:
+        """Copy the rows ``numbers`` of a one-piece pack (their elements in the piece, in
+        ``value``) into the parameter."""
+        if len(members) != 1 or self.strategy.push == "delta":
+            raise ProtocolError(f"server {s} sent rows for {pack.key}, which cannot take them")
+        ((pc, param),) = members
+        width = row_width(param.shape)
+        try:
+            check_rows(numbers, width, pc.start, pc.numel)
+        except ValueError as exc:
+            raise ProtocolError(f"server {s} sent bad rows for {pack.key}: {exc}") from None
+        picks = piece_elements(numbers, width, pc.start, pc.numel)
+        if value.numel() != len(picks) or value.dtype != param.dtype:
+            raise ProtocolError(f"server {s} sent a wrong-size value for {pack.key}")
+        target = _flat(param)[pc.start : pc.stop]
+        target.index_copy_(0, picks.to(param.device), value.to(param.device))
 
     def _finish_load(self, s: int, reply: Message, loaded: set[str]) -> None:
         missing = [pack.key for pack, _ in self._packs[s] if pack.key not in loaded]

@@ -12,7 +12,7 @@ as they are and each piece steps its own optimizer state as before.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from concord.algorithms.ps_state import (
     settings_by_param,
     state_layout,
 )
+from concord.algorithms.row_grads import ROWS_SUFFIX, RowGrad, piece_elements, row_width
 from concord.comm.wire import DTYPES, WireError
 
 _META_KEYS = {"name", "shape", "dtype", "group", "start", "stop"}
@@ -70,6 +71,9 @@ class Shard:
         self.values: dict[str, torch.Tensor] = {}  # piece key -> a view of its pack
         self.packs: tuple[Pack, ...] = ()
         self.flats: dict[str, torch.Tensor] = {}  # pack key -> its flat tensor
+        self.row_packs: dict[str, tuple[int, int, int]] = {}  # one-piece pack -> rows' layout
+        self._row_groups: dict[str, int] = {}  # one-piece pack -> its piece's param group
+        self._scratch: dict[str, torch.Tensor] = {}  # pack key -> a gradient densified (async)
         self.optimizer: torch.optim.Optimizer | None = None
         self._groups: dict[int, dict[str, Any]] = {}
         self.version = 0
@@ -93,6 +97,14 @@ class Shard:
                 for key, m in zip(keys, metas)
             ]
         )
+        by_key = dict(zip(keys, metas))
+        self.row_packs, self._row_groups = {}, {}
+        for pack in self.packs:  # (row width, start, numel) of a pack's only piece
+            if len(pack.members) == 1:
+                m = by_key[pack.members[0][0]]
+                layout = (row_width(m["shape"]), m["start"], m["stop"] - m["start"])
+                self.row_packs[pack.key] = layout
+                self._row_groups[pack.key] = m["group"]
         values = {}
         for pack in self.packs:
             flat = self.flats[pack.key] = torch.empty(pack.numel, dtype=DTYPES[pack.dtype])
@@ -176,6 +188,46 @@ class Shard:
         for pack in self.packs:
             _check_value(what, pack.key, tensors[pack.key], pack.dtype, pack.numel)
 
+    def check_push(
+        self, tensors: Mapping[str, torch.Tensor], what: str, rows_ok: bool
+    ) -> dict[str, torch.Tensor | RowGrad]:
+        """A push's packs, checked as :meth:`check_packs` checks them; with ``rows_ok`` (a
+        gradient push) a one-piece pack may come as rows instead: its key carries the rows'
+        values and its key + ``@rows`` their row numbers (it becomes a
+        :class:`~concord.algorithms.row_grads.RowGrad`)."""
+        packs = dict(tensors)
+        rows = {}
+        if rows_ok:
+            for key in [k for k in tensors if k.endswith(ROWS_SUFFIX)]:
+                rows[key[: -len(ROWS_SUFFIX)]] = packs.pop(key)
+        if not rows:
+            self.check_packs(packs, what)
+            return packs
+        if packs.keys() != self.flats.keys() or not rows.keys() <= packs.keys():
+            raise WireError(
+                "shape",
+                f"a {what} push to server {self.rank} must carry packs {list(self.flats)[:5]} "
+                f"(and row numbers for some), got {list(tensors)[:5]}",
+            )
+        out: dict[str, torch.Tensor | RowGrad] = {}
+        for pack in self.packs:
+            value = packs[pack.key]
+            if pack.key not in rows:
+                _check_value(what, pack.key, value, pack.dtype, pack.numel)
+                out[pack.key] = value
+                continue
+            layout = self.row_packs.get(pack.key)
+            if layout is None:
+                raise WireError(
+                    "shape", f"{what} {pack.key!r} holds several pieces: it cannot come as rows"
+                )
+            _check_value(what, pack.key, value, pack.dtype, value.numel())
+            try:
+                out[pack.key] = RowGrad.checked(rows[pack.key], value, *layout)
+            except ValueError as exc:
+                raise WireError("shape", f"{what} {pack.key!r}: {exc}") from None
+        return out
+
     def absent_pieces(self, indices: Any) -> frozenset[str]:
         """The piece keys a push says it has no gradient for (``meta["absent"]``: indices in
         registration order; their part of the packs is zero)."""
@@ -188,12 +240,19 @@ class Shard:
         return frozenset(_key(self.metas[i]) for i in indices)
 
     def piece_grads(
-        self, packs: Mapping[str, torch.Tensor], absent: frozenset[str] = frozenset()
+        self, packs: Mapping[str, torch.Tensor | RowGrad], absent: frozenset[str] = frozenset()
     ) -> dict[str, torch.Tensor]:
-        """Each piece's gradient as a view of its (checked) pack, less the ``absent`` ones."""
+        """Each piece's gradient as a view of its (checked) pack, less the ``absent`` ones
+        (a pack that came as rows is made dense first, in a buffer reused push to push)."""
         grads = {}
         for pack in self.packs:
-            for (key, _, _), view in zip(pack.members, packs[pack.key].split(pack.sizes)):
+            flat = packs[pack.key]
+            if isinstance(flat, RowGrad):
+                buffer = self._scratch.get(pack.key)
+                if buffer is None:
+                    buffer = self._scratch[pack.key] = torch.empty_like(self.flats[pack.key])
+                flat = flat.dense(buffer)
+            for (key, _, _), view in zip(pack.members, flat.split(pack.sizes)):
                 if key not in absent:
                     grads[key] = view
         return grads
@@ -296,6 +355,44 @@ class Shard:
             raise
         for key, value in packs.items():
             self.flats[key].copy_(value)
+
+    def keeps_untouched_rows(self, key: str) -> bool:
+        """Whether pack ``key`` is one piece whose optimizer leaves a row without gradient as it
+        is (plain SGD: no momentum, no weight decay; Adagrad without weight decay), so that
+        only the rows a round's gradients touched change."""
+        if key not in self.row_packs or self.optimizer is None:
+            return False
+        group = self._groups.get(self._row_groups[key])
+        name = type(self.optimizer).__name__
+        if group is None or group.get("weight_decay", 0) != 0:
+            return False
+        return name == "Adagrad" or (name == "SGD" and group["momentum"] == 0)
+
+    def round_reply(
+        self, rows: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], Callable[[Iterable[str]], None]]:
+        """A sync round's reply before the step: the live packs, except that a pack that
+        :meth:`keeps_untouched_rows` carries only the rows ``rows[key]`` the round touched:
+        ``key + "@rows"`` their numbers, ``key`` (a new buffer) the piece's elements of them
+        (see :func:`~concord.algorithms.row_grads.piece_elements`), which ``fill(keys)``
+        writes once the pieces of the packs ``keys`` stepped."""
+        tensors, picks = {}, {}
+        for key, flat in self.flats.items():
+            numbers = rows.get(key)
+            if numbers is None or not self.keeps_untouched_rows(key):
+                tensors[key] = flat
+                continue
+            width, start, numel = self.row_packs[key]
+            picks[key] = piece_elements(numbers, width, start, numel)
+            tensors[key + ROWS_SUFFIX] = numbers
+            tensors[key] = flat.new_empty(len(picks[key]))
+
+        def fill(keys: Iterable[str]) -> None:
+            for key in keys:
+                if key in picks:
+                    torch.index_select(self.flats[key], 0, picks[key], out=tensors[key])
+
+        return tensors, fill
 
     def snapshot(self, copy: bool) -> dict[str, torch.Tensor]:
         """The current packs (copies when they may change while a reply is in flight)."""

@@ -3,12 +3,14 @@
 
 Operations (all authenticated, see :mod:`concord.comm.wire`): ``register`` (worker 0 sends
 the initial pieces and the optimizer spec; others are checked against it), ``push`` (a
-gradient, or a parameter change with push="delta", as one flat tensor per pack of the shard;
-``meta["absent"]`` lists the pieces without a gradient), ``pull``, ``stats``, ``state`` (the
-shard's optimizer state, see :mod:`concord.algorithms.ps_state`), ``load_state`` (worker 0:
-parameters and optimizer state from a checkpoint, before the first step; other workers wait
-for it) and ``goodbye``. Every ``push``/``pull``/``register``/``load_state`` is answered with
-``params`` (step = the shard version; one tensor per pack).
+gradient, or a parameter change with push="delta", as one flat tensor per pack of the shard,
+or, for a sparse gradient's one-piece pack, the rows it touched, see
+:mod:`concord.algorithms.row_grads`; ``meta["absent"]`` lists the pieces without a gradient),
+``pull``, ``stats``, ``state`` (the shard's optimizer state, see
+:mod:`concord.algorithms.ps_state`), ``load_state`` (worker 0: parameters and optimizer state
+from a checkpoint, before the first step; other workers wait for it) and ``goodbye``. Every
+``push``/``pull``/``register``/``load_state`` is answered with ``params`` (step = the shard
+version; one tensor per pack).
 
 Sync rounds and the staleness clock are the pure cores of :mod:`concord.algorithms.ps_rules`;
 the shard's tensors and optimizer live in :mod:`concord.strategies.ps.shard`.
@@ -140,14 +142,19 @@ class ShardServer:
             self.chan.reply(req.peer, error_message(kind, str(exc)))
 
     def reply_params(
-        self, peers: bytes | list[bytes], grads: Mapping[str, torch.Tensor] | None = None
+        self,
+        peers: bytes | list[bytes],
+        grads: Mapping[str, torch.Tensor] | None = None,
+        rows: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """Send the shard to ``peers``: a copy of it, or, when every peer has lanes (the bytes
         are copied into them as they are sent), the live tensors, tracked so that the next
         update waits until zmq has read what did not fit. With ``grads`` (a finished sync
         round) send the live tensors, each reply part stepped with ``grads`` just before it is
         signed and sent (workers check and load part k while this server updates part k+1),
-        tracked the same way."""
+        tracked the same way; a pack that came as ``rows`` from every contributor and whose
+        optimizer changes only those rows goes back as those rows (see
+        :meth:`~concord.strategies.ps.shard.Shard.round_reply`)."""
         peers = [peers] if isinstance(peers, bytes) else peers
         if grads is None:
             live = all(self.chan.has_lanes(peer) for peer in peers)
@@ -157,15 +164,14 @@ class ShardServer:
             self.trackers.extend(t for t in trackers if t is not None)
             return
         version = self.shard.version + 1
-        msg = Message("params", step=version, tensors=self.shard.snapshot(copy=False))
-        trackers = self.chan.reply_many(
-            peers,
-            msg,
-            track=True,
-            before_part=lambda part: self.shard.apply_grads(
-                grads, keys=self.shard.pieces_in(part.tensors)
-            ),
-        )
+        tensors, fill = self.shard.round_reply(rows or {})
+
+        def step_part(part: Message) -> None:
+            self.shard.apply_grads(grads, keys=self.shard.pieces_in(part.tensors))
+            fill(part.tensors)
+
+        msg = Message("params", step=version, tensors=tensors)
+        trackers = self.chan.reply_many(peers, msg, track=True, before_part=step_part)
         self.shard.version = version
         self.trackers.extend(t for t in trackers if t is not None)
 
@@ -217,7 +223,7 @@ class ShardServer:
             self.lost.discard(worker)
             log.warning("server %d: lost worker %d is back", self.rank, worker)
         what = "delta" if self.shard.config.get("push") == "delta" else "gradient"
-        self.shard.check_packs(msg.tensors, what)
+        packs = self.shard.check_push(msg.tensors, what, rows_ok=what == "gradient")
         absent = self.shard.absent_pieces(msg.meta.get("absent"))
         staleness = self.shard.version - msg.step
         if staleness < 0:
@@ -230,13 +236,13 @@ class ShardServer:
         self.counts["pushes"] += 1
         self.staleness[staleness] += 1
         if self.sync is not None:
-            self._sync_push(req, absent)
+            self._sync_push(req, packs, absent)
         else:
-            self._async_push(req, absent)
+            self._async_push(req, packs, absent)
 
-    def _sync_push(self, req: Request, absent: frozenset[str]) -> None:
+    def _sync_push(self, req: Request, packs: Mapping[str, Any], absent: frozenset[str]) -> None:
         assert self.sync is not None
-        status = self.sync.push(req.msg.worker, req.msg.step, req.msg.tensors, absent)
+        status = self.sync.push(req.msg.worker, req.msg.step, packs, absent)
         if status == "late":
             self.counts["dropped"] += 1
             log.debug(
@@ -268,7 +274,7 @@ class ShardServer:
         grads = {} if overflow else self.shard.piece_grads(result.grads, result.absent)
         peers = [self.waiting.pop(w) for w in result.contributors]
         if self._clip(grads, result.step, peers):
-            self.reply_params(peers, grads)
+            self.reply_params(peers, grads, {} if overflow else result.rows)
 
     def _clip(self, grads: dict[str, torch.Tensor], step: int, peers: list[bytes]) -> bool:
         """With ``max_grad_norm``, scale the round's averaged gradient as ``clip_grad_norm_``
@@ -296,13 +302,13 @@ class ShardServer:
                 log.warning("server %d: a reply was still unsent after 10s", self.rank)
         self.trackers = []
 
-    def _async_push(self, req: Request, absent: frozenset[str]) -> None:
+    def _async_push(self, req: Request, packs: Mapping[str, Any], absent: frozenset[str]) -> None:
         assert self.clock is not None
         self._wait_trackers()  # replies may still be read from the live tensors
         if self.shard.config.get("push") == "delta":
-            self.shard.apply_deltas(req.msg.tensors)
+            self.shard.apply_deltas(packs)
         else:
-            self.shard.apply_grads(self.shard.piece_grads(req.msg.tensors, absent))
+            self.shard.apply_grads(self.shard.piece_grads(packs, absent))
         self.counts["applied"] += 1
         self.clock.tick(req.msg.worker)
         if not self.clock.may_proceed(req.msg.worker):
