@@ -1,4 +1,4 @@
-"""Sparse embedding gradients: concord AllReduce vs PyTorch DDP (gloo), rows only for both.
+"""Sparse embedding gradients: concord AllReduce and parameter servers vs PyTorch DDP (gloo).
 
     flock /tmp/concord-bench.lock .venv/bin/python benchmarks/sparse_embedding.py [--quick]
 
@@ -12,6 +12,10 @@ dense sums: the shared-memory ring (default here) or gloo ("concord-torch",
 ``AllReduce(engine="torch")``). "no-comm" (each worker steps alone) is the ceiling. The
 systems alternate repeat by repeat inside the same processes; samples/s from the slowest
 worker, median over the repeats.
+
+``--ps S`` adds a second job per vocabulary with S parameter servers: sync PS
+(``ParameterServer()``: pushes carry the touched rows, and with plain SGD the replies too)
+against DDP and no-comm in the same worker processes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from _plot import grouped_bars  # noqa: E402 - (the benchmarks folder is the script's own)
 from dp_vs_ddp import samples_per_s  # noqa: E402
 from multiproc import run_workers  # noqa: E402
+from ps_harness import run_ps_job  # noqa: E402
 
 DIM, IDS, BATCH, CLASSES = 64, 20, 64, 10
 
@@ -48,21 +53,28 @@ def _system(name: str, vocab: int):
         return DistributedDataParallel(model), opt
     if name == "local":
         return model, opt
+    if name == "ps":
+        return concord.distribute(model, opt, concord.ParameterServer())
     engine = "torch" if name == "concord-torch" else "auto"
     return concord.distribute(model, opt, concord.AllReduce(engine=engine))
 
 
-def _bench(vocabs: list[int], steps: int, repeats: int) -> dict:
+def _data(vocab: int, rank: int):
     import torch
+
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randint(0, vocab, (BATCH * 50, IDS), generator=gen)
+    return x, torch.randint(0, CLASSES, (BATCH * 50,), generator=gen)
+
+
+def _bench(vocabs: list[int], steps: int, repeats: int) -> dict:
 
     import concord
 
     ctx = concord.init(timeout=300)
     out = {}
     for vocab in vocabs:
-        gen = torch.Generator().manual_seed(ctx.rank)
-        x = torch.randint(0, vocab, (BATCH * 50, IDS), generator=gen)
-        y = torch.randint(0, CLASSES, (BATCH * 50,), generator=gen)
+        x, y = _data(vocab, ctx.rank)
         names = ("ddp", "concord", "concord-torch", "local")
         systems = {name: _system(name, vocab) for name in names}
         out[vocab] = samples_per_s(systems, x, y, BATCH, steps, repeats)
@@ -71,20 +83,97 @@ def _bench(vocabs: list[int], steps: int, repeats: int) -> dict:
     return out
 
 
+def _bench_ps(vocab: int, steps: int, repeats: int) -> dict:
+    """One job's servers serve one model: sync PS against DDP and no-comm."""
+    import concord
+
+    ctx = concord.init(timeout=300)
+    x, y = _data(vocab, ctx.rank)
+    systems = {name: _system(name, vocab) for name in ("ddp", "ps", "local")}
+    ps = systems["ps"][1]
+    before = ps.server_stats()  # (after registration)
+    out = samples_per_s(systems, x, y, BATCH, steps, repeats)
+    after = ps.server_stats()
+    ps.close()
+
+    def grew(key: str) -> int:
+        return sum(a[key] - b[key] for a, b in zip(after, before))
+
+    out["mb_per_push"] = grew("bytes_in") / grew("pushes") / 1e6  # all workers' pushes
+    out["mb_per_reply"] = grew("bytes_out") / grew("pushes") / 1e6
+    return out
+
+
+def _ps_rows(worlds: list[int], vocabs: list[int], servers: int, steps: int, repeats: int):
+    rows = []
+    for world in worlds:
+        for vocab in vocabs:
+            args = (vocab, steps, repeats)
+            r = run_ps_job(_bench_ps, world, servers, args, timeout=900, server_timeout=300)
+            r = r.results[0]
+            rows.append(
+                {
+                    "world": world,
+                    "servers": servers,
+                    "vocab": vocab,
+                    "ddp_sps": r["ddp"],
+                    "ps_sps": r["ps"],
+                    "local_sps": r["local"],
+                    "ps_vs_ddp": r["ps"] / r["ddp"],
+                    "mb_per_push": r["mb_per_push"],
+                    "mb_per_reply": r["mb_per_reply"],
+                }
+            )
+    print(
+        f"{'N':>3} {'S':>2} {'vocab':>8} {'DDP samples/s':>14} {'sync PS':>10} {'no-comm':>10} "
+        f"{'PS/DDP':>7} {'MB/push':>8} {'MB/reply':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['world']:>3} {r['servers']:>2} {r['vocab']:>8} {r['ddp_sps']:>14.0f} "
+            f"{r['ps_sps']:>10.0f} {r['local_sps']:>10.0f} {r['ps_vs_ddp']:>6.2f}x "
+            f"{r['mb_per_push']:>8.3f} {r['mb_per_reply']:>9.3f}"
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps per repeat")
     parser.add_argument("--worlds", type=int, nargs="+", default=[2])
     parser.add_argument("--vocabs", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ps", type=int, metavar="S", help="also sync PS with S servers")
+    parser.add_argument("--no-allreduce", action="store_true", help="only the --ps jobs")
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be >= 5 (medians of at least 5 repeats)")
     steps = 10 if args.quick else 30
+    if not args.no_allreduce:
+        _allreduce(args.worlds, args.vocabs, steps, args.repeats)
+    if args.ps:
+        rows = _ps_rows(args.worlds, args.vocabs, args.ps, steps, args.repeats)
+        out = {"benchmark": "sparse_embedding_ps", "repeats": args.repeats, "rows": rows}
+        print(json.dumps(out))
+        grouped_bars(
+            "sparse_embedding_ps",
+            f"sparse embedding gradients: samples/s, sync PS (S={args.ps}) vs DDP",
+            [f"N={r['world']}\nV={r['vocab']:,}" for r in rows],
+            {
+                "DDP": [r["ddp_sps"] for r in rows],
+                "concord sync PS": [r["ps_sps"] for r in rows],
+                "no-comm": [r["local_sps"] for r in rows],
+            },
+            "samples/s",
+        )
+    return 0
+
+
+def _allreduce(worlds: list[int], vocabs: list[int], steps: int, repeats: int) -> None:
     rows = []
-    for world in args.worlds:
-        res = run_workers(_bench, world, (args.vocabs, steps, args.repeats), timeout=900)[0]
-        for vocab in args.vocabs:
+    for world in worlds:
+        res = run_workers(_bench, world, (vocabs, steps, repeats), timeout=900)[0]
+        for vocab in vocabs:
             r = res[vocab]
             rows.append(
                 {
@@ -108,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['concord_torch_sps']:>10.0f} {r['local_sps']:>10.0f} {r['speedup']:>11.2f}x "
             f"{r['speedup_torch']:>11.2f}x"
         )
-    print(json.dumps({"benchmark": "sparse_embedding", "repeats": args.repeats, "rows": rows}))
+    print(json.dumps({"benchmark": "sparse_embedding", "repeats": repeats, "rows": rows}))
     grouped_bars(
         "sparse_embedding",
         "sparse embedding gradients: samples/s, concord AllReduce vs DDP",
@@ -120,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
         },
         "samples/s",
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -269,11 +269,11 @@ def _bag_worker(overlap: bool) -> tuple[list[torch.Tensor], list[dict]]:
 
 @pytest.mark.timeout(150)
 def test_sparse_embedding_gradients_travel_as_rows_and_match_one_process():
-    """The table is cut mid-row between two servers: server 0's piece is a pack of its own,
-    takes the touched rows only and (plain SGD: other rows stay) answers with the round's
-    rows; server 1's shares a pack with the head and travels dense both ways. Pushed from the
-    backward hooks (overlap=True, the same packing as without). The servers' dense SGD
-    equals torch's sparse SGD in one process (rows without a gradient add zero) to 1e-5."""
+    """The table is cut mid-row between two servers; on each its piece travels in a pack of
+    its own: pushes carry the touched rows only and, plain SGD leaving the other rows as
+    they are, so do the servers' replies. Pushed from the backward hooks (overlap=True, the
+    same packing as without). The servers' dense SGD equals torch's sparse SGD in one
+    process (rows without a gradient add zero) to 1e-5."""
     job = run_ps_job(_bag_worker, 2, 2, args=(True,))
     torch.manual_seed(0)
     model = BagNet()
@@ -281,13 +281,12 @@ def test_sparse_embedding_gradients_travel_as_rows_and_match_one_process():
     for params, _ in job.results:
         for got, ref in zip(params, model.parameters()):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
-    first, second = job.results[0][1]  # server 0: about half the table, 0.8 MB
-    assert first["pushes"] == 2 * STEPS
-    # registration sends the piece in once and out twice; dense pushes and replies would
-    # move it 12 times more each way (10 MB); server 1 does
-    assert first["bytes_in"] < 0.85e6 + 2 * STEPS * 20_000, first["bytes_in"]  # lanes included
-    assert first["bytes_out"] < 1.7e6 + 2 * STEPS * 20_000, first["bytes_out"]
-    assert second["bytes_out"] > 2 * STEPS * 0.7e6, second["bytes_out"]
+    for stats in job.results[0][1]:  # each server: about half the table, 0.8 MB
+        assert stats["pushes"] == 2 * STEPS
+        # registration sends the piece in once and out twice; dense pushes and replies would
+        # move it 12 times more each way (10 MB)
+        assert stats["bytes_in"] < 0.85e6 + 2 * STEPS * 20_000, stats  # lanes included
+        assert stats["bytes_out"] < 1.7e6 + 2 * STEPS * 20_000, stats
 
 
 @pytest.mark.timeout(120)

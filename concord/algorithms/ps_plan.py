@@ -10,8 +10,9 @@
   dtype, each run at most ``piece_bytes``, travel as one flat tensor (a *pack*), so a push or
   a reply is one frame per pack instead of one per piece (as DDP and Horovod fuse gradients
   into buckets; a pack is DESIGN.md's *bucket* on the PS wire, named apart from AllReduce's
-  :class:`~concord.algorithms.buckets.Bucket`). Workers and servers derive the same packs
-  from the same pieces.
+  :class:`~concord.algorithms.buckets.Bucket`). A piece of a sparse-gradient table travels in
+  a pack of its own, so a push can carry its touched rows alone. Workers and servers derive
+  the same packs from the same pieces.
 - :class:`OptimizerSpec` describes a torch optimizer declaratively (class name from an
   allow-list plus JSON hyperparameters per param group), so servers rebuild it without
   unpickling anything. Only element-wise optimizers are allowed, which is why a tensor split
@@ -102,19 +103,23 @@ class Pack:
 
 
 def pack_pieces(
-    pieces: Sequence[tuple[str, str, int, int]], piece_bytes: int = DEFAULT_PIECE_BYTES
+    pieces: Sequence[tuple[str, str, int, int]],
+    piece_bytes: int = DEFAULT_PIECE_BYTES,
+    alone: frozenset[str] = frozenset(),
 ) -> tuple[Pack, ...]:
     """Group ``pieces`` (``(key, dtype name, itemsize, numel)`` in shard order) into packs:
-    a new pack starts at a dtype change or where the current one would pass ``piece_bytes``."""
+    a new pack starts at a dtype change or where the current one would pass ``piece_bytes``;
+    a piece whose key is in ``alone`` gets a pack of its own."""
     packs: list[Pack] = []
     members: list[tuple[str, int, int]] = []
-    dtype, used = "", 0
+    dtype, used, single = "", 0, False
     for key, kind, itemsize, numel in pieces:
-        if members and (kind != dtype or (used + numel) * itemsize > piece_bytes):
+        full = kind != dtype or (used + numel) * itemsize > piece_bytes
+        if members and (full or single or key in alone):
             packs.append(Pack(f"pack{len(packs)}", dtype, tuple(members)))
             members, used = [], 0
         members.append((key, used, numel))
-        dtype, used = kind, used + numel
+        dtype, used, single = kind, used + numel, key in alone
     if members:
         packs.append(Pack(f"pack{len(packs)}", dtype, tuple(members)))
     return tuple(packs)

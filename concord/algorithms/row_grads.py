@@ -6,6 +6,10 @@ the whole table: ``rows`` (sorted, unique row numbers of the parameter) and ``va
 row each). A piece is a flat element range ``[start, start + numel)`` of the parameter and may
 begin or end mid-row (see :func:`concord.algorithms.ps_plan.plan_shards`), so a row at either
 end is cut to the piece: :meth:`RowGrad.add_to` adds only the elements the piece holds.
+
+A sync round whose optimizer changes only the rows with a gradient (plain SGD, Adagrad)
+answers the same way: the rows any worker touched, and the piece's elements of them
+(:func:`gather_rows`), which each worker copies into its table (:func:`scatter_rows`).
 """
 
 from __future__ import annotations
@@ -100,8 +104,72 @@ def check_rows(rows: torch.Tensor, width: int, start: int, numel: int) -> None:
             raise ValueError("row numbers must be sorted and unique")
 
 
-def piece_elements(rows: torch.Tensor, width: int, start: int, numel: int) -> torch.Tensor:
-    """The positions in the piece ``[start, start + numel)`` of the elements of ``rows`` that
-    it holds, row by row (a reply's rows carry exactly these values)."""
-    flat = (rows.unsqueeze(1) * width + torch.arange(width) - start).reshape(-1)
-    return flat[(flat >= 0) & (flat < numel)]
+def _layout(rows: torch.Tensor, width: int, start: int, numel: int) -> tuple[int, int, int]:
+    """How the piece's elements of ``rows`` (checked) lie in it: ``(head, first, tail)`` —
+    ``head`` elements of a row cut at the piece's start (at its beginning), whole rows
+    from row ``first`` on (the rows between), ``tail`` elements of a row cut at its end."""
+    if not rows.numel():
+        return 0, 0, 0
+    lo, hi = start, start + numel
+    first, end = -(-lo // width), hi // width  # the rows wholly inside: [first, end)
+    if first > end:  # the piece lies inside one row, which is cut at both ends
+        return numel, first, 0
+    head = first * width - lo if int(rows[0]) < first else 0
+    tail = hi - end * width if int(rows[-1]) >= end else 0
+    return head, first, tail
+
+
+def rows_numel(rows: torch.Tensor, width: int, start: int, numel: int) -> int:
+    """How many of the piece's elements ``rows`` (checked) cover."""
+    head, _, tail = _layout(rows, width, start, numel)
+    return head + (rows.numel() - (head > 0) - (tail > 0)) * width + tail
+
+
+def gather_rows(
+    flat: torch.Tensor,
+    rows: torch.Tensor,
+    width: int,
+    start: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The elements of ``rows`` that the piece ``flat`` (elements ``[start, start + len)`` of
+    a parameter) holds, row by row, as one flat tensor (a reply's values), in ``out`` if
+    given (:func:`rows_numel` long)."""
+    numel = flat.numel()
+    head, first, tail = _layout(rows, width, start, numel)
+    whole = rows[int(head > 0) : rows.numel() - int(tail > 0)]
+    parts = [flat[:head]]
+    if whole.numel():
+        rows_view = _whole_rows(flat, first, width, start)
+        parts.append(rows_view.index_select(0, whole - first).reshape(-1))
+    parts.append(flat[numel - tail :] if tail else flat[:0])
+    return torch.cat(parts) if out is None else torch.cat(parts, out=out)
+
+
+def scatter_rows(
+    flat: torch.Tensor, rows: torch.Tensor, width: int, start: int, values: torch.Tensor
+) -> None:
+    """Write :func:`gather_rows`'s ``values`` back into the piece ``flat``; ValueError if their
+    count does not fit ``rows`` (which must be checked, see :func:`check_rows`)."""
+    numel = flat.numel()
+    head, first, tail = _layout(rows, width, start, numel)
+    whole = rows[int(head > 0) : rows.numel() - int(tail > 0)]
+    if values.numel() != head + whole.numel() * width + tail:
+        raise ValueError(
+            f"{rows.numel()} rows need {head + whole.numel() * width + tail} values in this "
+            f"piece, got {values.numel()}"
+        )
+    flat[:head] = values[:head]
+    if whole.numel():
+        block = values[head : head + whole.numel() * width].view(-1, width)
+        _whole_rows(flat, first, width, start).index_copy_(0, whole - first, block.to(flat.dtype))
+    if tail:
+        flat[numel - tail :] = values[values.numel() - tail :]
+
+
+def _whole_rows(flat: torch.Tensor, first: int, width: int, start: int) -> torch.Tensor:
+    """The rows wholly inside the piece ``flat``, from row ``first`` on, as a ``(k, width)``
+    view."""
+    offset = first * width - start
+    count = (flat.numel() - offset) // width
+    return flat[offset : offset + count * width].view(count, width)

@@ -6,8 +6,7 @@ any worker touched, then only those rows' values; or, with gloo on the CPU, as D
 all_reduce of the sparse tensor itself. ``.grad`` stays sparse over exactly
 those rows, as in one process, so sparse optimizers such as ``torch.optim.SparseAdam`` work.
 Parameter servers keep dense shards; a worker pushes such a gradient as the rows it touched
-(:func:`piece_rows`) wherever its table's piece travels alone, else dense (:func:`dense_grad`,
-as Horovod's ``sparse_as_dense``).
+(:func:`piece_rows`; a gradient that is dense after all goes dense, :func:`dense_grad`).
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ shards work in parallel:
 
 - push="grad": the gradients, packed (:func:`concord.algorithms.ps_plan.pack_pieces`: one
   flat tensor per run of pieces, zeros for a parameter without ``.grad``, which
-  ``meta["absent"]`` names; a sparse gradient densified, or, where its table's piece is a pack
-  of its own, only the rows it touched); the reply carries the shard's new
-  parameters, packed the same way, copied into the model. The local optimizer never steps.
+  ``meta["absent"]`` names; a piece of a sparse-gradient table travels in a pack of its own,
+  as the rows the gradient touched); the reply carries the shard's new parameters, packed the
+  same way (after a sync round whose optimizer changes only the touched rows, a table's pack
+  carries those rows), copied into the model. The local optimizer never steps.
 - push="delta": the local optimizer steps, the change since the last pull is pushed (packed),
   and the server's latest parameters replace the local ones.
 
@@ -51,7 +52,7 @@ from concord.algorithms.ps_state import (
     settings_by_param,
     state_layout,
 )
-from concord.algorithms.row_grads import ROWS_SUFFIX, check_rows, piece_elements, row_width
+from concord.algorithms.row_grads import ROWS_SUFFIX, check_rows, row_width, scatter_rows
 from concord.comm.alloc import keep_freed_memory
 from concord.comm.channel import ClientChannel, lanes_wanted
 from concord.comm.discovery import wait_for_address
@@ -121,8 +122,8 @@ def connect(
     cls = PSOptimizer
     if strategy.overlap:  # pushes from autograd hooks, pulls in the background
         from concord.strategies.ps.overlap import OverlapPSOptimizer as cls
-    opt = cls(optimizer, strategy, ctx, params, infos, plan.shards, channels)
-    opt.sparse = sparse_grad_params(model)
+    sparse = sparse_grad_params(model)
+    opt = cls(optimizer, strategy, ctx, params, infos, plan.shards, channels, sparse)
     opt.register(spec)
     opt.attach(model)
     return opt
@@ -140,17 +141,18 @@ class PSOptimizer(DistributedOptimizer):
         infos: list[ParamInfo],
         shards: tuple[tuple[Piece, ...], ...],
         channels: list[ClientChannel],
+        sparse: set[int] | None = None,
     ) -> None:
         super().__init__(optimizer)
+        self.sparse = sparse or set()  # id()s of the parameters whose gradient is sparse
         self.strategy, self.rank, self.world = strategy, ctx.rank, ctx.world_size
         self.timeout = ctx.timeout
         self._params, self._infos = params, infos
         by_name = dict(zip((i.name for i in infos), zip(params, infos)))
         self._slots = [[(pc, *by_name[pc.name]) for pc in shard] for shard in shards]
-        self._packs = [_packs(slots) for slots in self._slots]
+        self._packs = [_packs(slots, self.sparse) for slots in self._slots]
         self._buffers: dict[tuple[int, str], torch.Tensor] = {}  # reused push packs
         self._push_views = True  # a one-piece pack may be the gradient itself (see _pack)
-        self.sparse: set[int] = set()  # id()s of the parameters whose gradient is sparse
         self.channels = channels
         self.versions = [0] * len(channels)
         self.steps = 0  # pushes made; a sync push is labelled with it (see step())
@@ -164,7 +166,8 @@ class PSOptimizer(DistributedOptimizer):
         config = self.strategy.config(self.world)
         for s, chan in enumerate(self.channels):
             metas = [
-                piece_meta(pc, info.shape, info.dtype, info.group) for pc, _, info in self._slots[s]
+                piece_meta(pc, info.shape, info.dtype, info.group, id(p) in self.sparse)
+                for pc, p, info in self._slots[s]
             ]
             tensors = {pc.key: _flat(p)[pc.start : pc.stop].cpu() for pc, p, _ in self._slots[s]}
             meta = {"config": config, "params": metas, "optimizer": spec}
@@ -340,7 +343,7 @@ class PSOptimizer(DistributedOptimizer):
                 if grad is None:
                     absent.append(index)
                     pieces.append(torch.zeros(pc.numel, dtype=param.dtype, device=param.device))
-                else:  # a sparse gradient travels dense (see dense_grad)
+                else:  # (a sparse gradient not of a sparse=True Embedding: densified)
                     pieces.append(dense_grad(grad.detach()).reshape(-1)[pc.start : pc.stop])
                 index += 1
             out[pack.key] = self._pack(s, pack, pieces)
@@ -459,16 +462,15 @@ class PSOptimizer(DistributedOptimizer):
         if len(members) != 1 or self.strategy.push == "delta":
             raise ProtocolError(f"server {s} sent rows for {pack.key}, which cannot take them")
         ((pc, param),) = members
+        if value.dtype != param.dtype:
+            raise ProtocolError(f"server {s} sent {value.dtype} rows for {pack.key}")
         width = row_width(param.shape)
+        target = _flat(param)[pc.start : pc.stop]
         try:
             check_rows(numbers, width, pc.start, pc.numel)
+            scatter_rows(target, numbers.to(param.device), width, pc.start, value.to(param.device))
         except ValueError as exc:
             raise ProtocolError(f"server {s} sent bad rows for {pack.key}: {exc}") from None
-        picks = piece_elements(numbers, width, pc.start, pc.numel)
-        if value.numel() != len(picks) or value.dtype != param.dtype:
-            raise ProtocolError(f"server {s} sent a wrong-size value for {pack.key}")
-        target = _flat(param)[pc.start : pc.stop]
-        target.index_copy_(0, picks.to(param.device), value.to(param.device))
 
     def _finish_load(self, s: int, reply: Message, loaded: set[str]) -> None:
         missing = [pack.key for pack, _ in self._packs[s] if pack.key not in loaded]
@@ -477,9 +479,15 @@ class PSOptimizer(DistributedOptimizer):
         self.versions[s] = reply.step
 
 
-def _packs(slots: list[tuple[Piece, nn.Parameter, ParamInfo]]) -> list[tuple[Pack, list]]:
-    """A shard's packs, each with its ``(piece, parameter)`` members in order."""
-    packs = pack_pieces([(pc.key, info.dtype, info.itemsize, pc.numel) for pc, _, info in slots])
+def _packs(
+    slots: list[tuple[Piece, nn.Parameter, ParamInfo]], sparse: set[int]
+) -> list[tuple[Pack, list]]:
+    """A shard's packs, each with its ``(piece, parameter)`` members in order (a piece of a
+    parameter in ``sparse`` alone in its pack)."""
+    packs = pack_pieces(
+        [(pc.key, info.dtype, info.itemsize, pc.numel) for pc, _, info in slots],
+        alone=frozenset(pc.key for pc, p, _ in slots if id(p) in sparse),
+    )
     by_key = {pc.key: (pc, param) for pc, param, _ in slots}
     return [(pack, [by_key[key] for key, _, _ in pack.members]) for pack in packs]
 

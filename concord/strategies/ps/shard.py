@@ -25,14 +25,17 @@ from concord.algorithms.ps_state import (
     settings_by_param,
     state_layout,
 )
-from concord.algorithms.row_grads import ROWS_SUFFIX, RowGrad, piece_elements, row_width
+from concord.algorithms.row_grads import ROWS_SUFFIX, RowGrad, gather_rows, row_width, rows_numel
 from concord.comm.wire import DTYPES, WireError
 
-_META_KEYS = {"name", "shape", "dtype", "group", "start", "stop"}
+_META_KEYS = {"name", "shape", "dtype", "group", "start", "stop", "sparse"}
 
 
-def piece_meta(piece: Piece, shape: tuple[int, ...], dtype: str, group: int) -> dict[str, Any]:
-    """How a worker describes one piece at registration."""
+def piece_meta(
+    piece: Piece, shape: tuple[int, ...], dtype: str, group: int, sparse: bool = False
+) -> dict[str, Any]:
+    """How a worker describes one piece at registration (``sparse``: of a parameter whose
+    gradient is sparse, which travels in a pack of its own)."""
     return {
         "name": piece.name,
         "shape": list(shape),
@@ -40,6 +43,7 @@ def piece_meta(piece: Piece, shape: tuple[int, ...], dtype: str, group: int) -> 
         "group": group,
         "start": piece.start,
         "stop": piece.stop,
+        "sparse": sparse,
     }
 
 
@@ -54,7 +58,7 @@ def _check_meta(metas: Any) -> list[dict[str, Any]]:
         ok = isinstance(meta, dict) and set(meta) == _META_KEYS
         ok = ok and isinstance(meta["name"], str) and meta["dtype"] in DTYPES
         ok = ok and all(type(meta[k]) is int and meta[k] >= 0 for k in ("group", "start", "stop"))
-        ok = ok and isinstance(meta["shape"], list)
+        ok = ok and isinstance(meta["shape"], list) and type(meta["sparse"]) is bool
         ok = ok and all(type(d) is int and d >= 0 for d in meta["shape"])
         if not ok or meta["start"] > meta["stop"]:
             raise WireError("header", f"bad parameter description {meta!r}")
@@ -95,7 +99,8 @@ class Shard:
             [
                 (key, m["dtype"], DTYPES[m["dtype"]].itemsize, m["stop"] - m["start"])
                 for key, m in zip(keys, metas)
-            ]
+            ],
+            alone=frozenset(key for key, m in zip(keys, metas) if m["sparse"]),
         )
         by_key = dict(zip(keys, metas))
         self.row_packs, self._row_groups = {}, {}
@@ -374,23 +379,24 @@ class Shard:
         """A sync round's reply before the step: the live packs, except that a pack that
         :meth:`keeps_untouched_rows` carries only the rows ``rows[key]`` the round touched:
         ``key + "@rows"`` their numbers, ``key`` (a new buffer) the piece's elements of them
-        (see :func:`~concord.algorithms.row_grads.piece_elements`), which ``fill(keys)``
-        writes once the pieces of the packs ``keys`` stepped."""
-        tensors, picks = {}, {}
+        (see :func:`~concord.algorithms.row_grads.gather_rows`), which ``fill(keys)`` writes
+        once the pieces of the packs ``keys`` stepped."""
+        tensors, picked = {}, {}
         for key, flat in self.flats.items():
             numbers = rows.get(key)
             if numbers is None or not self.keeps_untouched_rows(key):
                 tensors[key] = flat
                 continue
             width, start, numel = self.row_packs[key]
-            picks[key] = piece_elements(numbers, width, start, numel)
+            picked[key] = numbers
             tensors[key + ROWS_SUFFIX] = numbers
-            tensors[key] = flat.new_empty(len(picks[key]))
+            tensors[key] = flat.new_empty(rows_numel(numbers, width, start, numel))
 
         def fill(keys: Iterable[str]) -> None:
             for key in keys:
-                if key in picks:
-                    torch.index_select(self.flats[key], 0, picks[key], out=tensors[key])
+                if key in picked:
+                    width, start, _ = self.row_packs[key]
+                    gather_rows(self.flats[key], picked[key], width, start, out=tensors[key])
 
         return tensors, fill
 
