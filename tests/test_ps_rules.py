@@ -251,6 +251,7 @@ def test_row_grad_adds_exactly_the_piece_s_elements_of_its_rows(rows_in, width, 
     grad.add_to(target)
     torch.testing.assert_close(target, 1 + dense.reshape(-1)[start:stop], rtol=0, atol=1e-12)
     torch.testing.assert_close(grad.dense(target), dense.reshape(-1)[start:stop])
+    assert torch.equal(grad.sparse().to_dense(), dense.reshape(-1)[start:stop])
     # a reply's rows: the piece's elements of them, in order, and back
     held = [i - start for r in rows.tolist() for i in range(r * width, (r + 1) * width)]
     held = torch.tensor([i for i in held if 0 <= i < stop - start], dtype=torch.long)
@@ -294,6 +295,15 @@ def test_sync_round_adds_rows_and_dense_pushes_alike():
     agg.push(0, 1, {"p": torch.full((4,), 4.0)})  # buffers are reused; rows start from zero
     agg.push(1, 1, {"p": rows})
     assert torch.equal(agg.finish().grads["p"], torch.tensor([3.0, 2, 2, 3.5]))
+    other = RowGrad.checked(torch.tensor([1, 2]), torch.tensor([5.0, 6, 7, 8]), 2, 1, 4)
+    agg.push(0, 2, {"p": rows})  # rows from everyone: the average is rows, each row once
+    agg.push(1, 2, {"p": other})
+    result = agg.finish()
+    merged = result.grads["p"]
+    assert torch.equal(merged.rows, torch.tensor([0, 1, 2])) and result.rows["p"] is merged.rows
+    assert torch.equal(merged.values, torch.tensor([[0.5, 1], [2.5, 3], [5, 6]]))
+    assert torch.equal(merged.sparse().to_dense(), torch.tensor([1.0, 2.5, 3, 5]))
+    assert torch.equal(merged.dense(torch.empty(4)), torch.tensor([1.0, 2.5, 3, 5]))
 
 
 def test_removing_a_worker_can_complete_the_round():
@@ -429,11 +439,14 @@ def test_shard_takes_a_sparse_gradient_s_rows_for_a_one_piece_pack():
     }
     packs = shard.check_push({**dense, **rows}, "gradient", rows_ok=True)
     assert isinstance(packs["pack0"], RowGrad) and packs["pack1"] is dense["pack1"]
-    grads = shard.piece_grads(packs)  # (async) made dense: row 0's element 3, row 3's 0
+    grads = shard.piece_grads(packs)  # row 0's element 3, row 3's element 0
     want = torch.tensor([3.0, 0, 0, 0, 0, 0, 0, 0, 0, 4], dtype=torch.float64)
-    assert torch.equal(grads["e[3:13]"], want)
+    assert grads["e[3:13]"].is_sparse  # plain SGD: a step touches only these two elements
+    assert torch.equal(grads["e[3:13]"].to_dense(), want)
     shard.apply_grads(grads)
-    assert torch.equal(shard.values["e[3:13]"], -grads["e[3:13]"])
+    assert torch.equal(shard.values["e[3:13]"], -want)
+    shard.set_hyperparameters([{"lr": 1.0, "momentum": 0.5}])  # every row moves: dense
+    assert torch.equal(shard.piece_grads(packs)["e[3:13]"], want)
     bad = [
         ({**dense, **rows}, False, "shape", "must carry packs"),  # rows only for gradients
         (
@@ -812,19 +825,21 @@ def _table_loss(model: torch.nn.Module, step: int) -> torch.Tensor:
     return model["head"](model["table"](ids).sum(1)).pow(2).mean()
 
 
-@pytest.mark.parametrize("kind", ["adagrad", "sgd", "sgd-momentum"])
+@pytest.mark.parametrize("kind", ["adagrad", "sgd", "sgd-clip", "sgd-momentum"])
 def test_a_sync_round_replies_with_the_touched_rows_when_only_they_change(kind):
-    """One worker, one server, the table alone in its pack: pushes carry its rows; replies
-    carry the round's rows (numbers and values in separate parts) when the optimizer leaves
-    other rows alone (Adagrad, plain SGD), else the whole table (momentum moves every row it
-    ever touched). The worker's model equals one process's, step by step."""
+    """One worker, one server, the table alone in its pack: pushes carry its rows; the server
+    steps only those rows and replies with them (numbers and values in separate parts) when
+    the optimizer leaves other rows alone (Adagrad, plain SGD, also with max_grad_norm), else
+    steps and sends the whole table (momentum moves every row it ever touched). The worker's
+    model equals one process's, step by step."""
     from concord.strategies.ps.client import PSOptimizer, describe
-    from concord.strategies.sparse import sparse_grad_params
+    from concord.strategies.sparse import clip_grad_norm, sparse_grad_params
 
     def optimizer(model):
         if kind == "adagrad":
             return torch.optim.Adagrad(model.parameters(), lr=0.3)
-        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9 * (kind != "sgd"))
+        momentum = 0.9 if kind == "sgd-momentum" else 0.0
+        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
 
     chan = PartsChannel()
     server = ShardServer(chan, rank=0, workers=1, timeout=10)
@@ -834,11 +849,13 @@ def test_a_sync_round_replies_with_the_touched_rows_when_only_they_change(kind):
     ctx = SimpleNamespace(rank=0, world_size=1, timeout=5)
     shards = plan_shards(infos, 1).shards
     chans = [Loopback(server, b"w0")]
-    ps = PSOptimizer(opt, ParameterServer(), ctx, params, infos, shards, chans, {id(params[0])})
+    strategy = ParameterServer(max_grad_norm=0.5 if kind == "sgd-clip" else None)
+    ps = PSOptimizer(opt, strategy, ctx, params, infos, shards, chans, {id(params[0])})
     assert sparse_grad_params(model) == {id(params[0])}
     ps._finalizer.detach()
     ps._finalizer = weakref.finalize(ps, lambda: None)  # open, and no goodbye to send
     ps.register(spec_from_optimizer(opt).to_json())
+    server.norms = None  # (one server: the clip needs no store)
     reference = _table_model()
     ref_opt = optimizer(reference)
     replies = []
@@ -853,9 +870,12 @@ def test_a_sync_round_replies_with_the_touched_rows_when_only_they_change(kind):
         for m, o in ((model, ps), (reference, ref_opt)):
             o.zero_grad()
             _table_loss(m, step).backward()
+            if kind == "sgd-clip" and o is ref_opt:
+                clip_grad_norm(reference.parameters(), 0.5)  # (sparse gradients too)
             o.step()
         for got, want in zip(model.parameters(), reference.parameters()):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # float32 sums
     rows = kind != "sgd-momentum"
     assert replies == [["pack0@rows", "pack0", "pack1"] if rows else ["pack0", "pack1"]] * 4
-    assert server.stats()["rejected"] == {}
+    stats = server.stats()
+    assert stats["rejected"] == {} and stats["clipped"] == (4 if kind == "sgd-clip" else 0)

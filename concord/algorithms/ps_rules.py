@@ -20,14 +20,15 @@ from concord.algorithms.row_grads import RowGrad
 class RoundResult:
     """A finished sync step: the averaged gradients and who contributed.
 
-    ``grads`` has one entry per key pushed; ``absent`` names the pieces that no contributor
-    had a gradient for (the optimizer skips them, as in one process); ``rows`` gives, for
-    each key every contributor pushed as rows, the rows any of them touched (sorted, unique).
+    ``grads`` has one entry per key pushed (a :class:`RowGrad` where every contributor
+    pushed rows); ``absent`` names the pieces that no contributor had a gradient for (the
+    optimizer skips them, as in one process); ``rows`` gives, for each key every contributor
+    pushed as rows, the rows any of them touched (sorted, unique).
     """
 
     step: int
     contributors: tuple[int, ...]
-    grads: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor | RowGrad]
     absent: frozenset[str] = frozenset()
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -44,8 +45,10 @@ class SyncAggregator:
     next round's first push. Missing gradients of a contributor count as zero in the
     average, which equals one process computing the mean loss over the global batch: a push
     either leaves a key out or sends zeros for it and names it in ``absent``. A sparse
-    gradient may come as a :class:`~concord.algorithms.row_grads.RowGrad`: its rows are added
-    into a zeroed sum, so the average is the same dense tensor.
+    gradient may come as a :class:`~concord.algorithms.row_grads.RowGrad`: while every push of
+    a key is rows, the average is rows too (:meth:`RowGrad.merged
+    <concord.algorithms.row_grads.RowGrad.merged>`, each row once); a dense push of the key
+    turns it into a dense sum with the rows added where they fall.
     """
 
     workers: int
@@ -57,7 +60,7 @@ class SyncAggregator:
     _buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     _contributors: list[int] = field(default_factory=list)
     _absent: frozenset[str] = frozenset()
-    _rows: dict[str, list[torch.Tensor] | None] = field(default_factory=dict)
+    _row_parts: dict[str, list[RowGrad]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.workers < 1 or not 0 <= self.backup_workers < self.workers:
@@ -106,21 +109,18 @@ class SyncAggregator:
         self._contributors.append(worker)
         for key, grad in grads.items():
             total = self._sums.get(key)
-            if isinstance(grad, RowGrad):  # a sparse gradient's rows: added where they fall
-                if total is None:
-                    total = self._sums[key] = self._buffer(key, (grad.numel,), grad.values.dtype)
-                    total.zero_()
-                    self._rows[key] = []
-                grad.add_to(total)
-                rows = self._rows[key]
-                if rows is not None:
-                    rows.append(grad.rows.clone())  # (a view of the receive buffer)
+            if isinstance(grad, RowGrad):  # a sparse gradient's rows
+                if total is None:  # (copied: it may view a receive buffer)
+                    self._row_parts.setdefault(key, []).append(grad.copy())
+                else:
+                    grad.add_to(total)
                 continue
-            self._rows[key] = None  # pushed dense by someone: which rows changed is unknown
             if total is not None:
                 total.add_(grad)
             else:
-                self._sums[key] = self._buffer(key, grad.shape, grad.dtype).copy_(grad)
+                total = self._sums[key] = self._buffer(key, grad.shape, grad.dtype).copy_(grad)
+            for part in self._row_parts.pop(key, []):  # rows pushed before: added where they fall
+                part.add_to(total)
         return "complete" if self.complete else "counted"
 
     def _buffer(self, key: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -135,13 +135,17 @@ class SyncAggregator:
         if not self._contributors:
             raise ValueError(f"step {self.version} has no gradients to average")
         count = len(self._contributors)
-        grads = {
+        grads: dict[str, torch.Tensor | RowGrad] = {
             key: total.div_(count) if count > 1 else total for key, total in self._sums.items()
         }
-        rows = {key: torch.cat(r).unique() for key, r in self._rows.items() if r is not None}
+        for key, parts in self._row_parts.items():
+            merged = grads[key] = RowGrad.merged(parts)
+            if count > 1:
+                merged.values.div_(count)
+        rows = {key: g.rows for key, g in grads.items() if isinstance(g, RowGrad)}
         result = RoundResult(self.version, tuple(self._contributors), grads, self._absent, rows)
         self.version += 1
-        self._sums, self._contributors, self._rows = {}, [], {}
+        self._sums, self._contributors, self._row_parts = {}, [], {}
         return result
 
     def remove(self, worker: int) -> bool:

@@ -14,7 +14,8 @@ answers the same way: the rows any worker touched, and the piece's elements of t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -85,6 +86,50 @@ class RowGrad:
         """The piece's whole gradient in ``out`` (zeros where no row fell)."""
         self.add_to(out.zero_())
         return out
+
+    def copy(self) -> RowGrad:
+        """A copy that owns its tensors (a received one may view a reused buffer)."""
+        return replace(self, rows=self.rows.clone(), values=self.values.clone())
+
+    @staticmethod
+    def merged(parts: Sequence[RowGrad]) -> RowGrad:
+        """The sum of ``parts`` (rows of one piece): each row once, its values summed."""
+        if len(parts) == 1:
+            return parts[0]
+        rows = torch.cat([p.rows for p in parts])
+        union, where = torch.unique(rows, sorted=True, return_inverse=True)
+        values = torch.cat([p.values for p in parts])
+        summed = values.new_zeros(len(union), parts[0].width).index_add_(0, where, values)
+        return replace(parts[0], rows=union, values=summed)
+
+    def sparse(self) -> torch.Tensor:
+        """The piece's gradient as a coalesced 1-D sparse tensor over its ``numel`` elements
+        (for an optimizer that then updates only the elements these rows hold)."""
+        width, lo, hi = self.width, self.start, self.start + self.numel
+        head, _, tail = _layout(self.rows, width, lo, self.numel)
+        k, cut_head, cut_tail = self.rows.numel(), int(head > 0), int(tail > 0)
+        positions, values = [], []
+
+        def cut_row(i: int) -> None:  # the piece's part of a row cut at one of its ends
+            row = int(self.rows[i])
+            a, b = max(row * width, lo), min((row + 1) * width, hi)
+            positions.append(torch.arange(a - lo, b - lo, device=self.rows.device))
+            values.append(self.values[i, a - row * width : b - row * width])
+
+        if cut_head:
+            cut_row(0)
+        whole = self.rows[cut_head : k - cut_tail]
+        if whole.numel():
+            span = torch.arange(width, device=whole.device)
+            positions.append((whole.unsqueeze(1) * width - lo + span).reshape(-1))
+            values.append(self.values[cut_head : k - cut_tail].reshape(-1))
+        if cut_tail:
+            cut_row(k - 1)
+        index = torch.cat(positions) if positions else self.rows.new_zeros(0)
+        value = torch.cat(values) if values else self.values.new_zeros(0)
+        return torch.sparse_coo_tensor(
+            index.unsqueeze(0), value, (self.numel,), is_coalesced=True, check_invariants=False
+        )
 
 
 def check_rows(rows: torch.Tensor, width: int, start: int, numel: int) -> None:

@@ -32,14 +32,15 @@ def dense_grad(grad: torch.Tensor) -> torch.Tensor:
     return grad.to_dense() if grad.is_sparse else grad
 
 
-def piece_rows(param: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(values, rows)``: the rows of ``param``'s sparse gradient (summed, in order) that
+def piece_rows(
+    param: torch.Tensor, grad: torch.Tensor | None, start: int, stop: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, rows)``: the rows of ``param``'s sparse gradient ``grad`` (coalesced) that
     overlap elements ``[start, stop)`` of the flattened parameter, on the CPU; ``values`` is
     ``(k, row width)``. No gradient has no rows."""
     width = row_width(param.shape)
-    if param.grad is None:
+    if grad is None:
         return param.new_zeros(0, width, device="cpu"), torch.zeros(0, dtype=torch.long)
-    grad = param.grad.coalesce()
     numbers = grad.indices()[0]
     first, end = row_range(start, stop, width)
     bounds = torch.tensor([first, end], dtype=numbers.dtype, device=numbers.device)

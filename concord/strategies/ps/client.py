@@ -327,10 +327,13 @@ class PSOptimizer(DistributedOptimizer):
     def _grads(self, s: int) -> tuple[dict[str, torch.Tensor], list[int]]:
         """Server ``s``'s gradient packs, and the indices of its pieces without a gradient."""
         out, absent, index = {}, [], 0
+        summed: dict[int, torch.Tensor] = {}  # a table's gradient coalesced once, for its pieces
         for pack, members in self._packs[s]:
             if self._push_rows(members):  # a sparse gradient's rows, alone in their pack
                 ((pc, param),) = members
-                values, rows = piece_rows(param, pc.start, pc.stop)
+                if param.grad is not None and id(param) not in summed:
+                    summed[id(param)] = param.grad.coalesce()
+                values, rows = piece_rows(param, summed.get(id(param)), pc.start, pc.stop)
                 if not self._push_views:  # step() returns before zmq reads them
                     values = values.clone()
                 out[pack.key], out[pack.key + ROWS_SUFFIX] = values, rows

@@ -18,6 +18,7 @@ import torch
 
 from concord.algorithms.ps_rules import clip_coefficient
 from concord.errors import PeerTimeoutError
+from concord.strategies.sparse import grad_values
 
 
 def clip_by_global_norm(
@@ -26,7 +27,7 @@ def clip_by_global_norm(
     """Scale this shard's part ``grads`` of sync step ``step``'s averaged gradient in place by
     ``clip_grad_norm_``'s coefficient for the whole gradient (``norms``: the other shards'
     parts, None with one server); returns the coefficient (1.0: unchanged)."""
-    part = math.fsum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads.values())
+    part = math.fsum(float(torch.linalg.vector_norm(grad_values(g))) ** 2 for g in grads.values())
     scale = clip_coefficient(norms.gather(step, part) if norms is not None else [part], max_norm)
     if scale < 1.0:
         for grad in grads.values():

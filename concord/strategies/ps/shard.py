@@ -247,11 +247,18 @@ class Shard:
     def piece_grads(
         self, packs: Mapping[str, torch.Tensor | RowGrad], absent: frozenset[str] = frozenset()
     ) -> dict[str, torch.Tensor]:
-        """Each piece's gradient as a view of its (checked) pack, less the ``absent`` ones
-        (a pack that came as rows is made dense first, in a buffer reused push to push)."""
-        grads = {}
+        """Each piece's gradient as a view of its (checked) pack, less the ``absent`` ones. A
+        pack that came as rows becomes a sparse gradient where the optimizer then changes only
+        those rows (:meth:`keeps_untouched_rows`: no step touches the rest of the table), else
+        a dense one (in a buffer reused push to push)."""
+        grads: dict[str, torch.Tensor] = {}
         for pack in self.packs:
             flat = packs[pack.key]
+            if isinstance(flat, RowGrad) and self.keeps_untouched_rows(pack.key):
+                ((key, _, _),) = pack.members
+                if key not in absent:
+                    grads[key] = flat.sparse()
+                continue
             if isinstance(flat, RowGrad):
                 buffer = self._scratch.get(pack.key)
                 if buffer is None:
@@ -279,7 +286,9 @@ class Shard:
             for key in keys:
                 grad = grads.get(key)
                 value = self.values[key]
-                value.grad = None if grad is None else grad.reshape(-1).to(value.dtype)
+                if grad is not None and not grad.is_sparse:
+                    grad = grad.reshape(-1)
+                value.grad = None if grad is None else grad.to(value.dtype)
             self.optimizer.step()
             for key in keys:
                 self.values[key].grad = None
