@@ -335,7 +335,7 @@ class PSOptimizer(DistributedOptimizer):
                     summed[id(param)] = param.grad.coalesce()
                 values, rows = piece_rows(param, summed.get(id(param)), pc.start, pc.stop)
                 if not self._push_views:  # step() returns before zmq reads them
-                    values = values.clone()
+                    values, rows = values.clone(), rows.clone()
                 out[pack.key], out[pack.key + ROWS_SUFFIX] = values, rows
                 absent.extend([index] if param.grad is None else [])
                 index += 1
