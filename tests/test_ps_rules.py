@@ -68,6 +68,11 @@ def test_plan_moves_a_cut_in_a_small_tensor_to_its_nearest_edge():
 def test_plan_cuts_pieces_to_at_most_piece_bytes():
     plan = plan_shards([_info("a", 10), _info("b", 2)], 1, piece_bytes=16)
     assert [pc.key for pc in plan.shards[0]] == ["a[0:4]", "a[4:8]", "a[8:10]", "b[0:2]"]
+    # a table that travels as rows stays one piece per server (still split between servers)
+    plan = plan_shards([_info("a", 10), _info("b", 2)], 1, piece_bytes=16, whole={"a"})
+    assert [pc.key for pc in plan.shards[0]] == ["a[0:10]", "b[0:2]"]
+    plan = plan_shards([_info("a", 10), _info("b", 2)], 2, piece_bytes=16, whole={"a"})
+    assert [[pc.key for pc in s] for s in plan.shards] == [["a[0:6]"], ["a[6:10]", "b[0:2]"]]
 
 
 def test_packs_are_runs_of_one_dtype_within_the_byte_limit():
@@ -832,7 +837,7 @@ def test_a_sync_round_replies_with_the_touched_rows_when_only_they_change(kind):
     the optimizer leaves other rows alone (Adagrad, plain SGD, also with max_grad_norm), else
     steps and sends the whole table (momentum moves every row it ever touched). The worker's
     model equals one process's, step by step."""
-    from concord.strategies.ps.client import PSOptimizer, describe
+    from concord.strategies.ps.client import PSOptimizer, _row_tables, describe
     from concord.strategies.sparse import clip_grad_norm, sparse_grad_params
 
     def optimizer(model):
@@ -852,6 +857,9 @@ def test_a_sync_round_replies_with_the_touched_rows_when_only_they_change(kind):
     strategy = ParameterServer(max_grad_norm=0.5 if kind == "sgd-clip" else None)
     ps = PSOptimizer(opt, strategy, ctx, params, infos, shards, chans, {id(params[0])})
     assert sparse_grad_params(model) == {id(params[0])}
+    tables = _row_tables(strategy, opt, params, infos, {id(params[0])})  # not cut into pieces
+    assert tables == (set() if kind == "sgd-momentum" else {"table.weight"})
+    assert not _row_tables(ParameterServer(mode="async"), opt, params, infos, {id(params[0])})
     ps._finalizer.detach()
     ps._finalizer = weakref.finalize(ps, lambda: None)  # open, and no goodbye to send
     ps.register(spec_from_optimizer(opt).to_json())

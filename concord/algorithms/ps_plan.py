@@ -142,8 +142,11 @@ def plan_shards(
     servers: int,
     split_bytes: int = DEFAULT_SPLIT_BYTES,
     piece_bytes: int = DEFAULT_PIECE_BYTES,
+    whole: frozenset[str] = frozenset(),
 ) -> ShardPlan:
-    """Cut ``params`` into ``servers`` shards balanced by bytes (see the module docstring)."""
+    """Cut ``params`` into ``servers`` shards balanced by bytes (see the module docstring);
+    the parameters named in ``whole`` are not cut into ``piece_bytes`` pieces (one piece per
+    server: a sparse table whose pushes and replies are rows, which then cost per piece)."""
     if servers < 1 or piece_bytes < 1:
         raise ValueError(f"need servers >= 1 and piece_bytes >= 1, got {servers}, {piece_bytes}")
     names = [p.name for p in params]
@@ -167,7 +170,7 @@ def plan_shards(
             lo, hi = max(begin, cuts[s]), min(begin + p.nbytes, cuts[s + 1])
             if hi > lo:
                 start, stop = (lo - begin) // p.itemsize, (hi - begin) // p.itemsize
-                step = max(1, piece_bytes // p.itemsize)
+                step = stop - start if p.name in whole else max(1, piece_bytes // p.itemsize)
                 shards[s].extend(
                     Piece(p.name, i, min(i + step, stop), s) for i in range(start, stop, step)
                 )

@@ -14,12 +14,22 @@ answers the same way: the rows any worker touched, and the piece's elements of t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 ROWS_SUFFIX = "@rows"  # a push's key for the row numbers of pack ``key`` is ``key + ROWS_SUFFIX``
+
+
+def untouched_rows_stay(optimizer: str, group: Mapping[str, Any]) -> bool:
+    """Whether torch optimizer ``optimizer`` (a class name) with param group settings
+    ``group`` leaves a row without gradient as it is: plain SGD (no momentum, no weight
+    decay) and Adagrad without weight decay; momentum and Adam's moments move every row."""
+    if group.get("weight_decay", 0) != 0:
+        return False
+    return optimizer == "Adagrad" or (optimizer == "SGD" and group.get("momentum", 0) == 0)
 
 
 def row_width(shape: tuple[int, ...] | list[int]) -> int:

@@ -52,7 +52,13 @@ from concord.algorithms.ps_state import (
     settings_by_param,
     state_layout,
 )
-from concord.algorithms.row_grads import ROWS_SUFFIX, check_rows, row_width, scatter_rows
+from concord.algorithms.row_grads import (
+    ROWS_SUFFIX,
+    check_rows,
+    row_width,
+    scatter_rows,
+    untouched_rows_stay,
+)
 from concord.comm.alloc import keep_freed_memory
 from concord.comm.channel import ClientChannel, lanes_wanted
 from concord.comm.discovery import wait_for_address
@@ -108,7 +114,9 @@ def connect(
     keep_freed_memory()  # reuse message buffers instead of page-faulting fresh ones
     params, infos = describe(model, optimizer)
     spec = spec_from_optimizer(optimizer).to_json() if strategy.push == "grad" else None
-    plan = plan_shards(infos, servers)
+    sparse = sparse_grad_params(model)
+    tables = _row_tables(strategy, optimizer, params, infos, sparse)
+    plan = plan_shards(infos, servers, whole=tables)
     codec = Codec(ctx.secret)
     hint = f"did the job start with concord run --servers {servers}, and did it start?"
     channels = []
@@ -122,7 +130,6 @@ def connect(
     cls = PSOptimizer
     if strategy.overlap:  # pushes from autograd hooks, pulls in the background
         from concord.strategies.ps.overlap import OverlapPSOptimizer as cls
-    sparse = sparse_grad_params(model)
     opt = cls(optimizer, strategy, ctx, params, infos, plan.shards, channels, sparse)
     opt.register(spec)
     opt.attach(model)
@@ -480,6 +487,28 @@ class PSOptimizer(DistributedOptimizer):
         if missing:
             raise ProtocolError(f"server {s} sent no value for {missing[:5]}")
         self.versions[s] = reply.step
+
+
+def _row_tables(
+    strategy: ParameterServer,
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    infos: list[ParamInfo],
+    sparse: set[int],
+) -> frozenset[str]:
+    """The sparse tables whose sync rounds push, step and answer rows only (their optimizer
+    leaves untouched rows alone): left whole on each server, since every piece costs its own
+    rows, frames and optimizer call per push, and the table itself travels only at
+    registration, pulls and checkpoints."""
+    if strategy.mode != "sync" or strategy.push != "grad":
+        return frozenset()
+    name = type(optimizer).__name__
+    groups = [optimizer.param_groups[info.group] for info in infos]
+    return frozenset(
+        info.name
+        for param, info, group in zip(params, infos, groups)
+        if id(param) in sparse and untouched_rows_stay(name, group)
+    )
 
 
 def _packs(

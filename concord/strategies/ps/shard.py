@@ -25,7 +25,14 @@ from concord.algorithms.ps_state import (
     settings_by_param,
     state_layout,
 )
-from concord.algorithms.row_grads import ROWS_SUFFIX, RowGrad, gather_rows, row_width, rows_numel
+from concord.algorithms.row_grads import (
+    ROWS_SUFFIX,
+    RowGrad,
+    gather_rows,
+    row_width,
+    rows_numel,
+    untouched_rows_stay,
+)
 from concord.comm.wire import DTYPES, WireError
 
 _META_KEYS = {"name", "shape", "dtype", "group", "start", "stop", "sparse"}
@@ -377,10 +384,7 @@ class Shard:
         if key not in self.row_packs or self.optimizer is None:
             return False
         group = self._groups.get(self._row_groups[key])
-        name = type(self.optimizer).__name__
-        if group is None or group.get("weight_decay", 0) != 0:
-            return False
-        return name == "Adagrad" or (name == "SGD" and group["momentum"] == 0)
+        return group is not None and untouched_rows_stay(type(self.optimizer).__name__, group)
 
     def round_reply(
         self, rows: Mapping[str, torch.Tensor]
