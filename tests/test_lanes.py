@@ -441,9 +441,12 @@ class _Loop:
             req = self.server.poll(timeout=0.05)
             if req is not None:
                 if self.seen is not None:
-                    lanes = [up._data.ctypes.data for up, _ in self.server._lanes.values()]
-                    for v in req.msg.tensors.values():
-                        inside = any(a <= v.data_ptr() < a + (16 << 20) for a in lanes)
+                    lanes = [
+                        (up._data.ctypes.data, up._data.nbytes)
+                        for up, _ in self.server._lanes.values()
+                    ]
+                    for v in req.msg.tensors.values():  # (a copy may be mapped right after)
+                        inside = any(a <= v.data_ptr() < a + n for a, n in lanes)
                         self.seen.append((inside, v.clone()))
                 doubled = {k: 2 * v for k, v in req.msg.tensors.items()}
                 self.server.reply(req.peer, Message("echo", tensors=doubled))
