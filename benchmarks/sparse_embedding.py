@@ -104,7 +104,9 @@ def _bench_ps(vocab: int, steps: int, repeats: int) -> dict:
     return out
 
 
-def _ps_rows(worlds: list[int], vocabs: list[int], servers: int, steps: int, repeats: int):
+def _parameter_servers(
+    worlds: list[int], vocabs: list[int], servers: int, steps: int, repeats: int
+) -> None:
     rows = []
     for world in worlds:
         for vocab in vocabs:
@@ -134,7 +136,18 @@ def _ps_rows(worlds: list[int], vocabs: list[int], servers: int, steps: int, rep
             f"{r['ps_sps']:>10.0f} {r['local_sps']:>10.0f} {r['ps_vs_ddp']:>6.2f}x "
             f"{r['mb_per_push']:>8.3f} {r['mb_per_reply']:>9.3f}"
         )
-    return rows
+    print(json.dumps({"benchmark": "sparse_embedding_ps", "repeats": repeats, "rows": rows}))
+    grouped_bars(
+        "sparse_embedding_ps",
+        f"sparse embedding gradients: samples/s, sync PS (S={servers}) vs DDP",
+        _groups(rows),
+        {
+            "DDP": [r["ddp_sps"] for r in rows],
+            "concord sync PS": [r["ps_sps"] for r in rows],
+            "no-comm": [r["local_sps"] for r in rows],
+        },
+        "samples/s",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,20 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_allreduce:
         _allreduce(args.worlds, args.vocabs, steps, args.repeats)
     if args.ps:
-        rows = _ps_rows(args.worlds, args.vocabs, args.ps, steps, args.repeats)
-        out = {"benchmark": "sparse_embedding_ps", "repeats": args.repeats, "rows": rows}
-        print(json.dumps(out))
-        grouped_bars(
-            "sparse_embedding_ps",
-            f"sparse embedding gradients: samples/s, sync PS (S={args.ps}) vs DDP",
-            [f"N={r['world']}\nV={r['vocab']:,}" for r in rows],
-            {
-                "DDP": [r["ddp_sps"] for r in rows],
-                "concord sync PS": [r["ps_sps"] for r in rows],
-                "no-comm": [r["local_sps"] for r in rows],
-            },
-            "samples/s",
-        )
+        _parameter_servers(args.worlds, args.vocabs, args.ps, steps, args.repeats)
     return 0
 
 
@@ -201,7 +201,7 @@ def _allreduce(worlds: list[int], vocabs: list[int], steps: int, repeats: int) -
     grouped_bars(
         "sparse_embedding",
         "sparse embedding gradients: samples/s, concord AllReduce vs DDP",
-        [f"N={r['world']}\nV={r['vocab']:,}" for r in rows],
+        _groups(rows),
         {
             "DDP": [r["ddp_sps"] for r in rows],
             "concord (ring)": [r["concord_sps"] for r in rows],
@@ -209,6 +209,11 @@ def _allreduce(worlds: list[int], vocabs: list[int], steps: int, repeats: int) -
         },
         "samples/s",
     )
+
+
+def _groups(rows: list[dict]) -> list[str]:
+    """The charts' group labels: one per (workers, vocabulary)."""
+    return [f"N={r['world']}\nV={r['vocab']:,}" for r in rows]
 
 
 if __name__ == "__main__":

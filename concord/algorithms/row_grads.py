@@ -14,6 +14,7 @@ answers the same way: the rows any worker touched, and the piece's elements of t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -34,10 +35,7 @@ def untouched_rows_stay(optimizer: str, group: Mapping[str, Any]) -> bool:
 
 def row_width(shape: tuple[int, ...] | list[int]) -> int:
     """Elements per row (dimension 0) of a parameter of ``shape``; 1 for a vector."""
-    width = 1
-    for dim in shape[1:]:
-        width *= dim
-    return width
+    return math.prod(shape[1:])
 
 
 def row_range(start: int, stop: int, width: int) -> tuple[int, int]:
@@ -74,23 +72,13 @@ class RowGrad:
     def add_to(self, target: torch.Tensor) -> None:
         """Add the elements of these rows that the piece holds to ``target`` (its flat
         gradient, ``numel`` long)."""
-        width, lo, hi = self.width, self.start, self.start + self.numel
-        first_whole, end_whole = -(-lo // width), hi // width  # rows wholly inside the piece
-        rows, values = self.rows, self.values
-        inner = (rows >= first_whole) & (rows < end_whole)
-        whole = bool(inner.all())
-        if end_whole > first_whole:
-            region = target[first_whole * width - lo : end_whole * width - lo].view(-1, width)
-            if whole:
-                region.index_add_(0, rows - first_whole, values.to(target.dtype))
-            else:
-                region.index_add_(0, rows[inner] - first_whole, values[inner].to(target.dtype))
-        if whole:
-            return
-        for i in (~inner).nonzero().flatten().tolist():  # at most a cut row at each end
-            row = int(rows[i])
-            a, b = max(row * width, lo), min((row + 1) * width, hi)
-            target[a - lo : b - lo] += values[i, a - row * width : b - row * width]
+        head, first, tail, whole = _layout(self.rows, self.width, self.start, self.numel)
+        if self.rows[whole].numel():
+            rows_view = _whole_rows(target, first, self.width, self.start)
+            rows_view.index_add_(0, self.rows[whole] - first, self.values[whole].to(target.dtype))
+        for i in ([0] if head else []) + ([self.rows.numel() - 1] if tail else []):
+            at, offset, count = _cut_span(int(self.rows[i]), self.width, self.start, self.numel)
+            target[at : at + count] += self.values[i, offset : offset + count]
 
     def dense(self, out: torch.Tensor) -> torch.Tensor:
         """The piece's whole gradient in ``out`` (zeros where no row fell)."""
@@ -115,28 +103,25 @@ class RowGrad:
     def sparse(self) -> torch.Tensor:
         """The piece's gradient as a coalesced 1-D sparse tensor over its ``numel`` elements
         (for an optimizer that then updates only the elements these rows hold)."""
-        width, lo, hi = self.width, self.start, self.start + self.numel
-        head, _, tail = _layout(self.rows, width, lo, self.numel)
-        k, cut_head, cut_tail = self.rows.numel(), int(head > 0), int(tail > 0)
-        positions, values = [], []
+        head, _, tail, whole = _layout(self.rows, self.width, self.start, self.numel)
+        device, width = self.rows.device, self.width
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (positions, values) in order
 
-        def cut_row(i: int) -> None:  # the piece's part of a row cut at one of its ends
-            row = int(self.rows[i])
-            a, b = max(row * width, lo), min((row + 1) * width, hi)
-            positions.append(torch.arange(a - lo, b - lo, device=self.rows.device))
-            values.append(self.values[i, a - row * width : b - row * width])
+        def cut(i: int) -> None:  # the piece's part of a row cut at one of its ends
+            at, offset, count = _cut_span(int(self.rows[i]), width, self.start, self.numel)
+            span = torch.arange(at, at + count, device=device)
+            parts.append((span, self.values[i, offset : offset + count]))
 
-        if cut_head:
-            cut_row(0)
-        whole = self.rows[cut_head : k - cut_tail]
-        if whole.numel():
-            span = torch.arange(width, device=whole.device)
-            positions.append((whole.unsqueeze(1) * width - lo + span).reshape(-1))
-            values.append(self.values[cut_head : k - cut_tail].reshape(-1))
-        if cut_tail:
-            cut_row(k - 1)
-        index = torch.cat(positions) if positions else self.rows.new_zeros(0)
-        value = torch.cat(values) if values else self.values.new_zeros(0)
+        if head:
+            cut(0)
+        if self.rows[whole].numel():
+            span = torch.arange(width, device=device)
+            at = (self.rows[whole].unsqueeze(1) * width - self.start + span).reshape(-1)
+            parts.append((at, self.values[whole].reshape(-1)))
+        if tail:
+            cut(self.rows.numel() - 1)
+        index = torch.cat([at for at, _ in parts]) if parts else self.rows.new_zeros(0)
+        value = torch.cat([v for _, v in parts]) if parts else self.values.new_zeros(0)
         return torch.sparse_coo_tensor(
             index.unsqueeze(0), value, (self.numel,), is_coalesced=True, check_invariants=False
         )
@@ -159,25 +144,33 @@ def check_rows(rows: torch.Tensor, width: int, start: int, numel: int) -> None:
             raise ValueError("row numbers must be sorted and unique")
 
 
-def _layout(rows: torch.Tensor, width: int, start: int, numel: int) -> tuple[int, int, int]:
-    """How the piece's elements of ``rows`` (checked) lie in it: ``(head, first, tail)`` —
-    ``head`` elements of a row cut at the piece's start (at its beginning), whole rows
-    from row ``first`` on (the rows between), ``tail`` elements of a row cut at its end."""
-    if not rows.numel():
-        return 0, 0, 0
+def _layout(rows: torch.Tensor, width: int, start: int, numel: int) -> tuple[int, int, int, slice]:
+    """How the piece's elements of ``rows`` (checked) lie in it: ``(head, first, tail,
+    whole)`` — ``head`` elements of a row cut at the piece's start (at its beginning), whole
+    rows from row ``first`` on (``rows[whole]``), ``tail`` elements of a row cut at its end."""
+    k = rows.numel()
+    if not k:
+        return 0, 0, 0, slice(0, 0)
     lo, hi = start, start + numel
     first, end = -(-lo // width), hi // width  # the rows wholly inside: [first, end)
     if first > end:  # the piece lies inside one row, which is cut at both ends
-        return numel, first, 0
+        return numel, first, 0, slice(1, 1)
     head = first * width - lo if int(rows[0]) < first else 0
     tail = hi - end * width if int(rows[-1]) >= end else 0
-    return head, first, tail
+    return head, first, tail, slice(int(head > 0), k - int(tail > 0))
+
+
+def _cut_span(row: int, width: int, start: int, numel: int) -> tuple[int, int, int]:
+    """Where the piece's part of a row cut at one of its ends lies: ``(at, offset, count)``,
+    ``count`` elements from position ``at`` in the piece and ``offset`` in the row."""
+    a, b = max(row * width, start), min((row + 1) * width, start + numel)
+    return a - start, a - row * width, b - a
 
 
 def rows_numel(rows: torch.Tensor, width: int, start: int, numel: int) -> int:
     """How many of the piece's elements ``rows`` (checked) cover."""
-    head, _, tail = _layout(rows, width, start, numel)
-    return head + (rows.numel() - (head > 0) - (tail > 0)) * width + tail
+    head, _, tail, whole = _layout(rows, width, start, numel)
+    return head + rows[whole].numel() * width + tail
 
 
 def gather_rows(
@@ -191,8 +184,8 @@ def gather_rows(
     a parameter) holds, row by row, as one flat tensor (a reply's values), in ``out`` if
     given (:func:`rows_numel` long)."""
     numel = flat.numel()
-    head, first, tail = _layout(rows, width, start, numel)
-    whole = rows[int(head > 0) : rows.numel() - int(tail > 0)]
+    head, first, tail, inside = _layout(rows, width, start, numel)
+    whole = rows[inside]
     parts = [flat[:head]]
     if whole.numel():
         rows_view = _whole_rows(flat, first, width, start)
@@ -207,8 +200,8 @@ def scatter_rows(
     """Write :func:`gather_rows`'s ``values`` back into the piece ``flat``; ValueError if their
     count does not fit ``rows`` (which must be checked, see :func:`check_rows`)."""
     numel = flat.numel()
-    head, first, tail = _layout(rows, width, start, numel)
-    whole = rows[int(head > 0) : rows.numel() - int(tail > 0)]
+    head, first, tail, inside = _layout(rows, width, start, numel)
+    whole = rows[inside]
     if values.numel() != head + whole.numel() * width + tail:
         raise ValueError(
             f"{rows.numel()} rows need {head + whole.numel() * width + tail} values in this "
