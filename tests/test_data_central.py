@@ -122,7 +122,7 @@ def test_bad_requests_get_error_replies_and_server_stays_up(server):
     raw.connect(srv.address)
     raw.send_multipart([b"garbage"])
     assert raw.poll(30_000), "no reply to garbage"
-    reply = Codec(secret).decode(unpack_frames(raw.recv_multipart(), None))
+    reply = Codec(secret).decode(*unpack_frames(raw.recv_multipart(), None))
     assert reply.op == "error" and reply.meta["kind"] == "auth"  # an authenticated error reply
     raw.close(linger=0)
     # still serving, and right

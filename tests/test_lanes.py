@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from concord.comm.channel import ClientChannel
-from concord.comm.lanes import Lane, LaneError, pack_frames, unpack_frames
+from concord.comm.lanes import Lane, LaneError, pack_frames, socket_frames, unpack_frames
 from concord.comm.local import local_sockets_available
 from concord.comm.server_channel import ServerChannel
-from concord.comm.wire import Codec, Message, WireError
+from concord.comm.wire import Codec, LaneRef, Message, WireError
 from concord.errors import PeerTimeoutError, ProtocolError
 
 SECRET = bytes(range(32))
@@ -108,31 +108,88 @@ def test_attach_accepts_only_lane_files(tmp_path):
         Lane.attach(str(tmp_path / "concord-lane-x"), 1000)
 
 
-def test_frames_through_a_lane_are_still_authenticated(pair, monkeypatch):
+def _lane_map(head: bytes, mark: bytes) -> np.ndarray:
+    """The (buffer index, lane position, bytes) triples of a lane message's head."""
+    count = int.from_bytes(head[len(mark) : len(mark) + 8], "little")
+    return np.frombuffer(head[len(mark) + 8 : len(mark) + 8 + 24 * count], np.int64).reshape(-1, 3)
+
+
+def test_frames_through_a_lane_are_authenticated_by_their_place(pair, monkeypatch):
     import concord.comm.lanes as lanes
 
     monkeypatch.setattr(lanes, "MIN_FRAME_BYTES", 100)
     writer, reader = pair
     codec = Codec(SECRET)
     big, small = torch.arange(200, dtype=torch.float32), torch.ones(2)  # 800 and 8 bytes
-    frames = codec.encode(Message("push", tensors={"big": big, "small": small}))
-    plain = pack_frames(frames, None)  # no lane: one head frame (MAC and header), then buffers
-    assert plain == [bytes(frames[0]) + bytes(frames[1]), frames[2], frames[3]]
-    assert codec.decode(unpack_frames(plain, None)).tensors.keys() == {"big", "small"}
-    sent = pack_frames(frames, writer)
-    assert len(sent) == 2 and sent[1] is frames[3]  # the big buffer went into the lane
-    assert sent[0].startswith(lanes.LANE_MARK) and sent[0].endswith(plain[0])
-    msg = codec.decode(unpack_frames(sent, reader))
-    assert torch.equal(msg.tensors["big"], big) and torch.equal(msg.tensors["small"], small)
+    msg = Message("push", tensors={"big": big, "small": small})
+    header, buffers = codec.body(msg)
+    plain = pack_frames(codec, header, buffers, None)  # no lane: one head frame, then buffers
+    assert len(plain) == 3 and plain[0].endswith(header) and plain[1:] == buffers
+    frames, places = unpack_frames(plain, None)
+    assert places == {} and codec.decode(frames).tensors.keys() == {"big", "small"}
+    assert codec.decode(*unpack_frames(socket_frames(codec.encode(msg)), None)).op == "push"
+    sent = pack_frames(codec, header, buffers, writer)
+    assert len(sent) == 2 and sent[1] is buffers[1]  # the big buffer went into the lane
+    assert sent[0].startswith(lanes.LANE_MARK) and sent[0].endswith(header)
+    ((index, position, nbytes),) = _lane_map(sent[0], lanes.LANE_MARK)
+    assert (index, nbytes) == (0, 800)
+    frames, places = unpack_frames(sent, reader)
+    assert places == {0: LaneRef(False, int(position), 800)}
+    got = codec.decode(frames, places)
+    assert torch.equal(got.tensors["big"], big) and torch.equal(got.tensors["small"], small)
+    with pytest.raises(WireError) as err:  # the place is signed: the bytes alone do not pass
+        codec.decode(frames)
+    assert err.value.kind == "auth"
     with pytest.raises(LaneError, match="no lane"):
         unpack_frames(sent, None)
-    sent = pack_frames(frames, writer)
-    table = np.frombuffer(sent[0][len(lanes.LANE_MARK) + 8 : len(lanes.LANE_MARK) + 32], np.int64)
-    assert table[0] == 0 and table[2] == 800  # (buffer 0, its lane position, 800 bytes)
-    writer._data[int(table[1]) % writer.capacity + 5] ^= 1  # someone changes the lane's bytes
-    with pytest.raises(WireError) as err:
-        codec.decode(unpack_frames(sent, reader))
-    assert err.value.kind == "auth"
+
+
+def test_a_lane_frame_moved_cut_or_relabelled_fails_the_mac(monkeypatch):
+    import concord.comm.lanes as lanes
+
+    monkeypatch.setattr(lanes, "MIN_FRAME_BYTES", 100)
+    codec = Codec(SECRET)
+    header, buffers = codec.body(Message("push", tensors={"w": torch.ones(50)}))  # 200 bytes
+    mark = lanes.LANE_MARK
+    for change in ("moved", "cut", "relabelled"):
+        writer = Lane.create(4096)
+        reader, shared = Lane.attach(writer.path, 4096), Lane.attach(writer.path, 4096)
+        writer.unlink()
+        try:
+            head = pack_frames(codec, header, buffers, writer)[0]
+            twin = pack_frames(codec, header, buffers, writer)[0]  # the same bytes, further on
+            (index, position, nbytes), (_, later, _) = (
+                _lane_map(head, mark)[0],
+                _lane_map(twin, mark)[0],
+            )
+            assert later > position
+            table = {
+                "moved": [index, later, nbytes],  # (its twin: identical bytes, another place)
+                "cut": [index, position, nbytes - 8],
+                "relabelled": [index, position, nbytes],
+            }[change]
+            start = mark if change != "relabelled" else lanes.SHARED_MARK  # (the shared lane's)
+            forged = start + head[len(mark) : len(mark) + 8] + np.array(table, np.int64).tobytes()
+            forged += head[len(mark) + 32 :]
+            frames, places = unpack_frames([forged], reader, shared=shared)
+            with pytest.raises(WireError) as err:
+                codec.decode(frames, places)
+            assert err.value.kind == "auth", change
+        finally:
+            for lane in (writer, reader, shared):
+                lane.close()
+
+
+def test_lane_files_are_private_and_gone_once_mapped():
+    lane = Lane.create(4096)
+    try:
+        assert os.stat(lane.path).st_mode & 0o777 == 0o600  # only this user's processes
+        peer = Lane.attach(lane.path, 4096)
+        lane.unlink()  # (the server unlinks on taking a client's lanes: see test below)
+        assert not os.path.exists(lane.path)
+        peer.close()
+    finally:
+        lane.close()
 
 
 @pytest.mark.parametrize(
@@ -411,7 +468,7 @@ def test_a_local_connection_without_a_valid_hello_is_dropped(secret, kind):
         server._listener._tokens["ab" * 16] = b"a peer that was offered lanes"
         token = "ab" * 16 if kind == "auth" else "00" * 16  # (a token never given out)
         hello = Message("local", meta={"token": token})
-        stranger.send(pack_frames(Codec(secret).encode(hello), None)[0])
+        stranger.send(socket_frames(Codec(secret).encode(hello))[0])
         assert stranger.recv(1024) == b""  # dropped, no answer
         assert dict(server.rejected) == {kind: 1}
         t = torch.randn(1 << 18)  # the real client is still served through its socket

@@ -583,7 +583,7 @@ def _intrude(address: str, secret: bytes) -> None:
     raw.connect(address)
     raw.send_multipart([b"x" * 32 + b'{"op": "pull"}'])  # a forged MAC before the header
     assert raw.poll(30000)
-    reply = Codec(secret).decode(unpack_frames(raw.recv_multipart(), None))  # an error, no data
+    reply = Codec(secret).decode(*unpack_frames(raw.recv_multipart(), None))  # an error, no data
     assert reply.op == "error" and reply.meta["kind"] == "auth" and not reply.tensors
     raw.close(linger=0)
 

@@ -11,13 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from concord.comm.channel import ClientChannel
-from concord.comm.lanes import pack_frames, unpack_frames
+from concord.comm.lanes import socket_frames, unpack_frames
 from concord.comm.server_channel import ServerChannel
 from concord.comm.wire import (
     DTYPES,
     MAC_BYTES,
     PROTOCOL_VERSION,
     Codec,
+    LaneRef,
     Message,
     WireError,
     compute_mac,
@@ -123,6 +124,23 @@ def test_mac_binds_frame_boundaries():
     assert mac([b"abc"]) != mac([b"abc", b""])
     assert verify_mac(SECRET, mac([b"abc"]), header, [b"abc"])
     assert not verify_mac(SECRET, mac([b"abc"]), header, [b"abd"])
+
+
+def test_mac_binds_a_lane_frame_by_its_place():
+    header, nonce = b"{}", bytes(range(16))
+
+    def mac(buffers):
+        return compute_mac(SECRET, header, buffers, nonce)
+
+    ref = LaneRef(shared=False, position=64, nbytes=8)
+    signed = mac([b"x", ref])
+    assert verify_mac(SECRET, signed, header, [b"x", LaneRef(False, 64, 8)])
+    others = [LaneRef(True, 64, 8), LaneRef(False, 128, 8), LaneRef(False, 64, 16)]
+    others += [ref.summary(), bytes(8)]  # (not the same as frames with those bytes)
+    assert all(not verify_mac(SECRET, signed, header, [b"x", o]) for o in others)
+    for bad in (LaneRef(False, -1, 8), LaneRef(False, 0, 1 << 63)):
+        with pytest.raises(ValueError, match="out of range"):
+            mac([bad])
 
 
 def test_mac_key_is_fresh_per_message_and_tied_to_the_secret():
@@ -272,9 +290,9 @@ def test_server_answers_bad_messages_and_keeps_serving(server):
     ]
     kinds = []
     for frames in bad:
-        raw.send_multipart(pack_frames(frames, None))  # as a client puts them on the socket
+        raw.send_multipart(socket_frames(frames))  # as a client puts them on the socket
         _pump(server, raw)
-        reply = Codec(SECRET).decode(unpack_frames(raw.recv_multipart(), None))
+        reply = Codec(SECRET).decode(*unpack_frames(raw.recv_multipart(), None))
         assert reply.op == "error" and not reply.tensors
         kinds.append(reply.meta["kind"])
     assert kinds == ["auth", "version", "frames", "frames", "dtype", "oversize"]

@@ -50,6 +50,7 @@ from concord.comm.local import (
 )
 from concord.comm.parts import PART_BYTES, PartAssembler, split_message
 from concord.comm.wire import (
+    MAC_BYTES,
     Codec,
     Message,
     WireError,
@@ -95,10 +96,11 @@ class ClientChannel:
         self._check()
         parts = split_message(msg, next(self._ids), self.part_bytes)
         for part in parts:
-            frames = self.codec.encode(part)
-            self.bytes_out += sum(frame_bytes(f) for f in frames)
+            header, buffers = self.codec.body(part)
+            self.bytes_out += message_bytes(header, buffers)
             lane = self._lanes[0] if self._lanes else None
-            frames = pack_frames(frames, lane, min_bytes=min_lane_bytes(self._local is not None))
+            local = self._local is not None
+            frames = pack_frames(self.codec, header, buffers, lane, min_bytes=min_lane_bytes(local))
             if len(parts) == 1 and self._send_local(frames):
                 continue
             self.socket.send_multipart(frames, copy=False)
@@ -218,9 +220,9 @@ class ClientChannel:
         """(the whole reply once its last part is in, else None; this part); ``lanes`` are
         this client's down lane and the server's shared lane."""
         try:
-            frames = unpack_frames(frames, lanes[0], copy=not views, shared=lanes[1])
+            frames, places = unpack_frames(frames, lanes[0], copy=not views, shared=lanes[1])
             self.bytes_in += sum(len(f) for f in frames)
-            part = self.codec.decode(frames)
+            part = self.codec.decode(frames, places)
             return self._parts.add(b"", replace(part, tensors={}) if views else part), part
         except (WireError, ValueError) as exc:
             exc = as_wire_error(exc)
@@ -322,3 +324,8 @@ def lanes_wanted() -> bool:
 
 def frame_bytes(frame: Any) -> int:
     return frame.nbytes if isinstance(frame, memoryview) else len(frame)
+
+
+def message_bytes(header: bytes, buffers: list[Any]) -> int:
+    """The bytes of a message with this header and these buffers, its MAC included."""
+    return MAC_BYTES + len(header) + sum(frame_bytes(b) for b in buffers)

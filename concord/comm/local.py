@@ -25,7 +25,7 @@ import sys
 from collections import Counter
 from typing import Any
 
-from concord.comm.lanes import pack_frames, unpack_frames
+from concord.comm.lanes import socket_frames, unpack_frames
 from concord.comm.wire import Codec, Message, WireError, as_wire_error
 
 log = logging.getLogger("concord.wire")
@@ -182,12 +182,12 @@ def connect_local(codec: Codec, name: str, token: str, timeout: float) -> socket
 
 def _head(codec: Codec, msg: Message) -> bytes:
     """A small message (no lanes) as the one datagram it travels as."""
-    return pack_frames(codec.encode(msg), None)[0]
+    return socket_frames(codec.encode(msg))[0]
 
 
 def _read_head(codec: Codec, data: bytes) -> Message:
     """The authenticated message of a datagram that :func:`_head` made (WireError if not)."""
-    return codec.decode(unpack_frames([data], None))
+    return codec.decode(*unpack_frames([data], None))
 
 
 def as_datagram(frames: list[Any]) -> Any | None:

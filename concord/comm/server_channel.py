@@ -12,6 +12,7 @@ serving. Same-host clients may offer shared-memory lanes (:mod:`concord.comm.lan
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -24,7 +25,7 @@ import zmq
 
 from concord.comm.channel import (
     LINGER_MS,
-    frame_bytes,
+    message_bytes,
     min_lane_bytes,
     poll_ready,
     zmq_context,
@@ -144,11 +145,11 @@ class ServerChannel:
             try:
                 lanes = self._lanes.get(peer)
                 views = self.lane_views and lanes is not None
-                body = unpack_frames(body, lanes[0] if lanes else None, copy=not views)
+                body, places = unpack_frames(body, lanes[0] if lanes else None, copy=not views)
                 self.bytes_in += sum(len(f) for f in body)  # lane bytes count too, as sent
                 if views:
                     self._held.append(lanes[0])  # (also when decode fails: freed next poll)
-                part = self.codec.decode(body)
+                part = self.codec.decode(body, places)
                 if views and PART_KEY in part.meta:  # the assembler keeps it past this poll
                     part = replace(part, tensors={k: t.clone() for k, t in part.tensors.items()})
                     lanes[0].release()
@@ -284,21 +285,25 @@ class ServerChannel:
         for part in parts:
             if before_part is not None:
                 before_part(part)
-            frames = self.codec.encode(part)
-            size = sum(frame_bytes(f) for f in frames)
+            header, buffers = self.codec.body(part)
+            size = message_bytes(header, buffers)
+            signed = functools.cache(functools.partial(self.codec.sign, header, buffers))
             shared = self._shared_for(live, size)
             if shared is not None:  # written once, read by every peer
                 before = shared.written
                 local = all(self._is_local(peer) for peer in live)
-                out = pack_frames(frames, shared, shared=True, min_bytes=min_lane_bytes(local))
+                out = pack_frames(
+                    self.codec, header, buffers, shared, True, min_lane_bytes(local), signed
+                )
                 if shared.written != before:  # (nothing fitted: all inline)
                     self._sent_upto.update(dict.fromkeys(live, shared.written))
             for peer in list(live):
                 if shared is None:
                     lanes = self._lanes.get(peer)
                     local = self._is_local(peer)
+                    lane = lanes[1] if lanes else None
                     out = pack_frames(
-                        frames, lanes[1] if lanes else None, min_bytes=min_lane_bytes(local)
+                        self.codec, header, buffers, lane, False, min_lane_bytes(local), signed
                     )
                 if len(parts) == 1 and self._listener and self._listener.send(peer, out):
                     trackers.append(None)  # (the bytes are in a lane already)
