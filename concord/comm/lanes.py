@@ -15,7 +15,7 @@ reader has not freed. Before that the file is ``0600`` (this user's processes, w
 the job's secret from ``/proc`` anyway). So hashing the bytes would check nothing the
 operating system does not, and it was the largest cost of a same-host round trip: a PS push
 and reply passed over every byte four times for it (measured: sync PS / AllReduce at N=4 on
-two cores 0.78 -> 0.96; see the README).
+two cores 0.84 -> 0.96, medians of back-to-back pairs; see the README).
 
 One memory copy on each side (none on the reading side with views, none on the writing side
 for a frame built in :meth:`Lane.reserve` space) replaces the TCP loopback path (a copy into
