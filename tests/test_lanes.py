@@ -185,7 +185,7 @@ def test_lane_files_are_private_and_gone_once_mapped():
     try:
         assert os.stat(lane.path).st_mode & 0o777 == 0o600  # only this user's processes
         peer = Lane.attach(lane.path, 4096)
-        lane.unlink()  # (the server unlinks on taking a client's lanes: see test below)
+        lane.unlink()  # (as the client does once its server answered its lanes request)
         assert not os.path.exists(lane.path)
         peer.close()
     finally:
