@@ -202,10 +202,10 @@ def scatter_rows(
     numel = flat.numel()
     head, first, tail, inside = _layout(rows, width, start, numel)
     whole = rows[inside]
-    if values.numel() != head + whole.numel() * width + tail:
+    need = head + whole.numel() * width + tail
+    if values.numel() != need:
         raise ValueError(
-            f"{rows.numel()} rows need {head + whole.numel() * width + tail} values in this "
-            f"piece, got {values.numel()}"
+            f"{rows.numel()} rows need {need} values in this piece, got {values.numel()}"
         )
     flat[:head] = values[:head]
     if whole.numel():

@@ -322,10 +322,7 @@ def lanes_wanted() -> bool:
     return os.environ.get("CONCORD_LANES", "1") != "0"
 
 
-def frame_bytes(frame: Any) -> int:
-    return frame.nbytes if isinstance(frame, memoryview) else len(frame)
-
-
-def message_bytes(header: bytes, buffers: list[Any]) -> int:
-    """The bytes of a message with this header and these buffers, its MAC included."""
-    return MAC_BYTES + len(header) + sum(frame_bytes(b) for b in buffers)
+def message_bytes(header: bytes, buffers: list[memoryview]) -> int:
+    """The bytes of a message with this header and these buffers (:meth:`Codec.body`), its
+    MAC included."""
+    return MAC_BYTES + len(header) + sum(b.nbytes for b in buffers)
