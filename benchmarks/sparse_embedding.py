@@ -15,7 +15,8 @@ worker, median over the repeats.
 
 ``--ps S`` adds a second job per vocabulary with S parameter servers: sync PS
 (``ParameterServer()``: pushes carry the touched rows, and with plain SGD the replies too)
-against DDP and no-comm in the same worker processes.
+against DDP and no-comm in the same worker processes; ``--ps-mode async`` runs async PS
+instead (each reply carries the rows changed since the worker's previous one).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ps_harness import run_ps_job  # noqa: E402
 DIM, IDS, BATCH, CLASSES = 64, 20, 64, 10
 
 
-def _system(name: str, vocab: int):
+def _system(name: str, vocab: int, mode: str = "sync"):
     import torch
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
@@ -54,7 +55,7 @@ def _system(name: str, vocab: int):
     if name == "local":
         return model, opt
     if name == "ps":
-        return concord.distribute(model, opt, concord.ParameterServer())
+        return concord.distribute(model, opt, concord.ParameterServer(mode))
     engine = "torch" if name == "concord-torch" else "auto"
     return concord.distribute(model, opt, concord.AllReduce(engine=engine))
 
@@ -83,13 +84,13 @@ def _bench(vocabs: list[int], steps: int, repeats: int) -> dict:
     return out
 
 
-def _bench_ps(vocab: int, steps: int, repeats: int) -> dict:
-    """One job's servers serve one model: sync PS against DDP and no-comm."""
+def _bench_ps(vocab: int, steps: int, repeats: int, mode: str) -> dict:
+    """One job's servers serve one model: PS (``mode``) against DDP and no-comm."""
     import concord
 
     ctx = concord.init(timeout=300)
     x, y = _data(vocab, ctx.rank)
-    systems = {name: _system(name, vocab) for name in ("ddp", "ps", "local")}
+    systems = {name: _system(name, vocab, mode) for name in ("ddp", "ps", "local")}
     ps = systems["ps"][1]
     before = ps.server_stats()  # (after registration)
     out = samples_per_s(systems, x, y, BATCH, steps, repeats)
@@ -105,18 +106,19 @@ def _bench_ps(vocab: int, steps: int, repeats: int) -> dict:
 
 
 def _parameter_servers(
-    worlds: list[int], vocabs: list[int], servers: int, steps: int, repeats: int
+    worlds: list[int], vocabs: list[int], servers: int, steps: int, repeats: int, mode: str
 ) -> None:
     rows = []
     for world in worlds:
         for vocab in vocabs:
-            args = (vocab, steps, repeats)
+            args = (vocab, steps, repeats, mode)
             r = run_ps_job(_bench_ps, world, servers, args, timeout=900, server_timeout=300)
             r = r.results[0]
             rows.append(
                 {
                     "world": world,
                     "servers": servers,
+                    "mode": mode,
                     "vocab": vocab,
                     "ddp_sps": r["ddp"],
                     "ps_sps": r["ps"],
@@ -127,7 +129,7 @@ def _parameter_servers(
                 }
             )
     print(
-        f"{'N':>3} {'S':>2} {'vocab':>8} {'DDP samples/s':>14} {'sync PS':>10} {'no-comm':>10} "
+        f"{'N':>3} {'S':>2} {'vocab':>8} {'DDP samples/s':>14} {mode + ' PS':>10} {'no-comm':>10} "
         f"{'PS/DDP':>7} {'MB/push':>8} {'MB/reply':>9}"
     )
     for r in rows:
@@ -138,12 +140,12 @@ def _parameter_servers(
         )
     print(json.dumps({"benchmark": "sparse_embedding_ps", "repeats": repeats, "rows": rows}))
     grouped_bars(
-        "sparse_embedding_ps",
-        f"sparse embedding gradients: samples/s, sync PS (S={servers}) vs DDP",
+        "sparse_embedding_ps" if mode == "sync" else f"sparse_embedding_ps_{mode}",
+        f"sparse embedding gradients: samples/s, {mode} PS (S={servers}) vs DDP",
         _groups(rows),
         {
             "DDP": [r["ddp_sps"] for r in rows],
-            "concord sync PS": [r["ps_sps"] for r in rows],
+            f"concord {mode} PS": [r["ps_sps"] for r in rows],
             "no-comm": [r["local_sps"] for r in rows],
         },
         "samples/s",
@@ -156,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worlds", type=int, nargs="+", default=[2])
     parser.add_argument("--vocabs", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ps", type=int, metavar="S", help="also sync PS with S servers")
+    parser.add_argument("--ps", type=int, metavar="S", help="also PS with S servers")
+    parser.add_argument("--ps-mode", choices=("sync", "async"), default="sync")
     parser.add_argument("--no-allreduce", action="store_true", help="only the --ps jobs")
     args = parser.parse_args(argv)
     if args.repeats < 5:
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_allreduce:
         _allreduce(args.worlds, args.vocabs, steps, args.repeats)
     if args.ps:
-        _parameter_servers(args.worlds, args.vocabs, args.ps, steps, args.repeats)
+        _parameter_servers(args.worlds, args.vocabs, args.ps, steps, args.repeats, args.ps_mode)
     return 0
 
 

@@ -648,6 +648,71 @@ def test_async_replies_to_lane_peers_send_the_live_shard_and_others_a_copy():
         assert live == lanes and torch.equal(msg.tensors["pack0"], torch.full((2,), -0.5))
 
 
+def _table_server(workers: int, **kwargs) -> tuple[ShardServer, FakeChannel]:
+    """A server holding piece ``e[4:80]`` (rows 1..19) of a 20x4 sparse table, plain SGD lr 1."""
+    chan = FakeChannel()
+    server = ShardServer(chan, rank=0, workers=workers, timeout=10)
+    config = ParameterServer(**kwargs).config(workers)
+    metas = [piece_meta(Piece("e", 4, 80, 0), (20, 4), "float32", 0, sparse=True)]
+    meta = {"config": config, "params": metas, "optimizer": {"name": "SGD", "groups": [{"lr": 1}]}}
+    for w in range(workers):
+        tensors = {"e[4:80]": torch.zeros(76)} if w == 0 else {}
+        msg = Message("register", worker=w, meta=meta, tensors=tensors)
+        server.dispatch(Request(b"w%d" % w, msg, 0))
+    chan.take()
+    return server, chan
+
+
+def _push_rows(server: ShardServer, worker: int, step: int, rows: list[int] | None, **meta):
+    """Worker ``worker`` pushes a gradient of ones on ``rows`` (dense when ``rows`` is None)."""
+    tensors = {"pack0": torch.ones(76)}
+    if rows is not None:
+        tensors = {
+            "pack0": torch.ones(4 * len(rows)),
+            "pack0@rows": torch.tensor(rows, dtype=torch.int64),
+        }
+    msg = Message("push", worker=worker, step=step, meta=meta, tensors=tensors)
+    server.dispatch(Request(b"w%d" % worker, msg, 0))
+
+
+def test_async_replies_carry_the_rows_changed_since_the_version_the_push_names():
+    """A sparse table's piece under plain SGD: an async reply carries the rows changed after
+    the version the push names (its worker's last loaded reply), other workers' rows
+    included, and their current values; the whole piece once the rows would take half its
+    bytes or more; nothing for a push without a gradient. Workers released together get the
+    rows the one that holds the oldest version needs."""
+    server, chan = _table_server(2, mode="async")
+    flat = server.shard.flats["pack0"].view(19, 4)  # rows 1..19
+    expected = [
+        (0, 0, [1, 2], [1, 2]),  # -> version 1
+        (1, 0, [2, 5], [1, 2, 5]),  # holds 0: worker 0's rows too -> 2
+        (0, 1, [7], [2, 5, 7]),  # holds 1 -> 3
+        (1, 2, [1, 3, 4, 6, 8, 9], None),  # 7 changed rows (+ numbers) > half the piece -> 4
+        (0, 3, None, None),  # a dense gradient changes every row -> 5
+    ]
+    for version, (worker, step, rows, replied) in enumerate(expected, 1):
+        _push_rows(server, worker, step, rows)
+        ((peer, msg),) = chan.sent
+        chan.sent = []
+        assert (peer, msg.step) == (b"w%d" % worker, version)
+        got = msg.tensors.get("pack0@rows")
+        assert (None if got is None else got.tolist()) == replied
+        want = flat.reshape(-1) if got is None else flat[got - 1].reshape(-1)
+        assert torch.equal(msg.tensors["pack0"], want)
+    assert flat[1].tolist() == [-3.0] * 4  # row 2: pushed by workers 0, 1 and the dense one
+    _push_rows(server, 0, 5, [], absent=[0])  # no gradient: nothing changed since 5
+    ((_, msg),) = chan.sent
+    assert msg.step == 6 and msg.tensors["pack0@rows"].tolist() == []
+    assert msg.tensors["pack0"].numel() == 0
+
+    server, chan = _table_server(3, mode="async", max_staleness=1)
+    for worker, step, rows in [(0, 0, [1]), (0, 1, [2]), (1, 0, [3]), (2, 0, [4])]:
+        _push_rows(server, worker, step, rows)
+    replies = [(peer, msg.step, msg.tensors["pack0@rows"].tolist()) for peer, msg in chan.sent]
+    # worker 0 (holding 1) was held at its second push; worker 2 (holding 0) releases it
+    assert replies[-2:] == [(b"w0", 4, [1, 2, 3, 4]), (b"w2", 4, [1, 2, 3, 4])]
+
+
 def test_server_sync_round_with_backup_worker_and_min_workers_timeout():
     server, chan = _server(3, mode="sync", backup_workers=1)
     _push(server, 0, 0, 1.0)
@@ -830,12 +895,17 @@ def _table_loss(model: torch.nn.Module, step: int) -> torch.Tensor:
     return model["head"](model["table"](ids).sum(1)).pow(2).mean()
 
 
-@pytest.mark.parametrize("kind", ["adagrad", "sgd", "sgd-clip", "sgd-momentum"])
-def test_a_sync_round_replies_with_the_touched_rows_when_only_they_change(kind):
+@pytest.mark.parametrize(
+    ("kind", "mode"),
+    [(k, "sync") for k in ("adagrad", "sgd", "sgd-clip", "sgd-momentum")]
+    + [("adagrad", "async"), ("sgd-momentum", "async")],
+)
+def test_a_round_replies_with_the_touched_rows_when_only_they_change(kind, mode):
     """One worker, one server, the table alone in its pack: pushes carry its rows; the server
     steps only those rows and replies with them (numbers and values in separate parts) when
     the optimizer leaves other rows alone (Adagrad, plain SGD, also with max_grad_norm), else
-    steps and sends the whole table (momentum moves every row it ever touched). The worker's
+    steps and sends the whole table (momentum moves every row it ever touched). Async, the
+    rows changed since the worker's last reply: with one worker, the same. The worker's
     model equals one process's, step by step."""
     from concord.strategies.ps.client import PSOptimizer, _row_tables, describe
     from concord.strategies.sparse import clip_grad_norm, sparse_grad_params
@@ -854,12 +924,14 @@ def test_a_sync_round_replies_with_the_touched_rows_when_only_they_change(kind):
     ctx = SimpleNamespace(rank=0, world_size=1, timeout=5)
     shards = plan_shards(infos, 1).shards
     chans = [Loopback(server, b"w0")]
-    strategy = ParameterServer(max_grad_norm=0.5 if kind == "sgd-clip" else None)
+    strategy = ParameterServer(mode, max_grad_norm=0.5 if kind == "sgd-clip" else None)
     ps = PSOptimizer(opt, strategy, ctx, params, infos, shards, chans, {id(params[0])})
     assert sparse_grad_params(model) == {id(params[0])}
     tables = _row_tables(strategy, opt, params, infos, {id(params[0])})  # not cut into pieces
     assert tables == (set() if kind == "sgd-momentum" else {"table.weight"})
-    assert not _row_tables(ParameterServer(mode="async"), opt, params, infos, {id(params[0])})
+    assert not _row_tables(
+        ParameterServer("async", push="delta"), opt, params, infos, {id(params[0])}
+    )
     ps._finalizer.detach()
     ps._finalizer = weakref.finalize(ps, lambda: None)  # open, and no goodbye to send
     ps.register(spec_from_optimizer(opt).to_json())

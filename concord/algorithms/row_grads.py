@@ -186,12 +186,19 @@ def gather_rows(
     numel = flat.numel()
     head, first, tail, inside = _layout(rows, width, start, numel)
     whole = rows[inside]
-    parts = [flat[:head]]
+    need = head + whole.numel() * width + tail
+    out = flat.new_empty(need) if out is None else out
+    if out.numel() != need:
+        raise ValueError(f"{rows.numel()} rows take {need} values in this piece, not {out.numel()}")
+    if head:  # (each part goes straight into ``out``: no second copy)
+        out[:head] = flat[:head]
     if whole.numel():
+        block = out[head : head + whole.numel() * width].view(-1, width)
         rows_view = _whole_rows(flat, first, width, start)
-        parts.append(rows_view.index_select(0, whole - first).reshape(-1))
-    parts.append(flat[numel - tail :] if tail else flat[:0])
-    return torch.cat(parts) if out is None else torch.cat(parts, out=out)
+        torch.index_select(rows_view, 0, whole - first, out=block)
+    if tail:
+        out[need - tail :] = flat[numel - tail :]
+    return out
 
 
 def scatter_rows(

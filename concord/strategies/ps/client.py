@@ -11,8 +11,10 @@ shards work in parallel:
   flat tensor per run of pieces, zeros for a parameter without ``.grad``, which
   ``meta["absent"]`` names; a piece of a sparse-gradient table travels in a pack of its own,
   as the rows the gradient touched); the reply carries the shard's new parameters, packed the
-  same way (after a sync round whose optimizer changes only the touched rows, a table's pack
-  carries those rows), copied into the model. The local optimizer never steps.
+  same way (when the table's optimizer changes only the touched rows, its pack carries the
+  rows that changed: those the sync round touched, or in async mode those changed since the
+  version this worker last loaded, which its push names), copied into the model. The local
+  optimizer never steps.
 - push="delta": the local optimizer steps, the change since the last pull is pushed (packed),
   and the server's latest parameters replace the local ones.
 
@@ -496,11 +498,11 @@ def _row_tables(
     infos: list[ParamInfo],
     sparse: set[int],
 ) -> frozenset[str]:
-    """The sparse tables whose sync rounds push, step and answer rows only (their optimizer
-    leaves untouched rows alone): left whole on each server, since every piece costs its own
-    rows, frames and optimizer call per push, and the table itself travels only at
+    """The sparse tables whose pushes, steps and replies are rows only (their optimizer leaves
+    untouched rows alone; push="grad"): left whole on each server, since every piece costs its
+    own rows, frames and optimizer call per push, and the table itself travels only at
     registration, pulls and checkpoints."""
-    if strategy.mode != "sync" or strategy.push != "grad":
+    if strategy.push != "grad":
         return frozenset()
     name = type(optimizer).__name__
     groups = [optimizer.param_groups[info.group] for info in infos]

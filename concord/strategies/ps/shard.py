@@ -8,6 +8,11 @@ parameter. Untrusted input (names, shapes, dtypes, optimizer settings) is valida
 Pushes and replies carry packs (:func:`concord.algorithms.ps_plan.pack_pieces`): the shard
 keeps each pack as one flat tensor and every piece as a view of it, so a reply sends the packs
 as they are and each piece steps its own optimizer state as before.
+
+A sparse table's piece whose optimizer leaves untouched rows as they are can be answered as
+rows (:mod:`concord.algorithms.row_grads`): after a sync round, the rows the round touched
+(:meth:`Shard.round_reply`); in async mode, the rows changed since the version the worker
+holds (:meth:`Shard.reply_since`; the shard records the version each row last changed at).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from concord.algorithms.row_grads import (
     ROWS_SUFFIX,
     RowGrad,
     gather_rows,
+    row_range,
     row_width,
     rows_numel,
     untouched_rows_stay,
@@ -85,6 +91,7 @@ class Shard:
         self.row_packs: dict[str, tuple[int, int, int]] = {}  # one-piece pack -> rows' layout
         self._row_groups: dict[str, int] = {}  # one-piece pack -> its piece's param group
         self._scratch: dict[str, torch.Tensor] = {}  # pack key -> a gradient densified (async)
+        self.changed: dict[str, torch.Tensor] = {}  # async: sparse pack -> version, per row
         self.optimizer: torch.optim.Optimizer | None = None
         self._groups: dict[int, dict[str, Any]] = {}
         self.version = 0
@@ -132,6 +139,12 @@ class Shard:
             self.optimizer = opt_spec.build(by_group)
             self._map_groups(by_group)
         self.config, self.metas, self.values = dict(config), metas, values
+        if config.get("mode") == "async" and self.optimizer is not None:
+            for pack in self.packs:  # (a sparse table's piece is alone in its pack)
+                width, start, numel = self.row_packs.get(pack.key, (0, 0, 0))
+                if width and by_key[pack.members[0][0]]["sparse"]:
+                    first, end = row_range(start, start + numel, width)
+                    self.changed[pack.key] = torch.zeros(end - first, dtype=torch.int64)
 
     def _map_groups(self, by_group: list[list[torch.Tensor]]) -> None:
         assert self.optimizer is not None
@@ -376,6 +389,41 @@ class Shard:
             raise
         for key, value in packs.items():
             self.flats[key].copy_(value)
+
+    def mark_changed(
+        self, packs: Mapping[str, torch.Tensor | RowGrad], absent: frozenset[str]
+    ) -> None:
+        """Async, after a push's step: record the shard's version as the one at which each
+        row of a sparse table's piece the push changed last changed (the rows it came with when
+        its optimizer leaves the others as they are, else every row)."""
+        for key, changed in self.changed.items():
+            grad = packs[key]
+            if self.pieces_in([key])[0] in absent:  # no gradient: the optimizer skipped it
+                continue
+            if isinstance(grad, RowGrad) and self.keeps_untouched_rows(key):
+                changed[grad.rows - grad.start // grad.width] = self.version
+            else:
+                changed.fill_(self.version)
+
+    def reply_since(self, since: int, copy: bool) -> dict[str, torch.Tensor]:
+        """Async: the packs for workers that hold the shard as it was at version ``since``
+        (or later): a sparse table's piece as the rows changed after ``since`` (``key +
+        "@rows"`` their numbers, ``key`` the piece's elements of them, a new buffer) when that
+        is under half the piece's bytes (row by row, gathering and scattering cost 2-3x a
+        whole copy per byte), everything else as :meth:`snapshot` sends it."""
+        tensors = {}
+        for key, flat in self.flats.items():
+            changed = self.changed.get(key)
+            if changed is not None and self.keeps_untouched_rows(key):  # (else all change)
+                width, start, numel = self.row_packs[key]
+                numbers = changed.gt(since).nonzero().squeeze(1).add_(start // width)
+                values = rows_numel(numbers, width, start, numel)
+                if 2 * (values * flat.element_size() + numbers.nbytes) < flat.nbytes:
+                    tensors[key + ROWS_SUFFIX] = numbers
+                    tensors[key] = gather_rows(flat, numbers, width, start)
+                    continue
+            tensors[key] = flat.clone() if copy else flat
+        return tensors
 
     def keeps_untouched_rows(self, key: str) -> bool:
         """Whether pack ``key`` is one piece whose optimizer leaves a row without gradient as it

@@ -62,7 +62,7 @@ class ShardServer:
         self.clock: StalenessClock | None = None
         self.waiting: dict[int, bytes] = {}  # sync: workers whose gradient is in this round
         self.overflowed: set[int] = set()  # sync: ... whose loss scaler overflowed
-        self.gated: dict[int, bytes] = {}  # async: replies held back by max_staleness
+        self.gated: dict[int, tuple[bytes, int]] = {}  # async: held replies (peer, version)
         self.pending: list[tuple[float, Request]] = []  # registrations before worker 0's
         self.loading: list[tuple[float, Request]] = []  # state loads before worker 0's
         self.loaded = False  # worker 0 loaded a checkpoint (opt.load_state_dict)
@@ -146,6 +146,7 @@ class ShardServer:
         peers: bytes | list[bytes],
         grads: Mapping[str, torch.Tensor] | None = None,
         rows: Mapping[str, torch.Tensor] | None = None,
+        since: int | None = None,
     ) -> None:
         """Send the shard to ``peers``: a copy of it, or, when every peer has lanes (the bytes
         are copied into them as they are sent), the live tensors, tracked so that the next
@@ -154,11 +155,16 @@ class ShardServer:
         signed and sent (workers check and load part k while this server updates part k+1),
         tracked the same way; a pack that came as ``rows`` from every contributor and whose
         optimizer changes only those rows goes back as those rows (see
-        :meth:`~concord.strategies.ps.shard.Shard.round_reply`)."""
+        :meth:`~concord.strategies.ps.shard.Shard.round_reply`). With ``since`` (async: every
+        peer holds the shard as it was at that version or later) a sparse table's piece goes
+        as the rows changed after it (:meth:`~concord.strategies.ps.shard.Shard.reply_since`)."""
         peers = [peers] if isinstance(peers, bytes) else peers
         if grads is None:
             live = all(self.chan.has_lanes(peer) for peer in peers)
-            tensors = self.shard.snapshot(copy=not live)
+            if since is None:
+                tensors = self.shard.snapshot(copy=not live)
+            else:
+                tensors = self.shard.reply_since(since, copy=not live)
             msg = Message("params", step=self.shard.version, tensors=tensors)
             trackers = self.chan.reply_many(peers, msg, track=live)
             self.trackers.extend(t for t in trackers if t is not None)
@@ -309,11 +315,14 @@ class ShardServer:
             self.shard.apply_deltas(packs)
         else:
             self.shard.apply_grads(self.shard.piece_grads(packs, absent))
+            self.shard.mark_changed(packs, absent)
         self.counts["applied"] += 1
         self.clock.tick(req.msg.worker)
         if not self.clock.may_proceed(req.msg.worker):
             self.counts["gate_waits"] += 1
-        self.gated[req.msg.worker] = req.peer
+        # the push's label is the version of the last reply this worker loaded: the reply
+        # needs only the rows changed since (see Shard.reply_since)
+        self.gated[req.msg.worker] = (req.peer, req.msg.step)
         self._release()
 
     def _release(self) -> None:
@@ -323,7 +332,8 @@ class ShardServer:
         for worker in released:
             self.lead[self.clock.lead(worker)] += 1
         if released:
-            self.reply_params([self.gated.pop(w) for w in released])
+            held = [self.gated.pop(w) for w in released]
+            self.reply_params([peer for peer, _ in held], since=min(v for _, v in held))
 
     def on_pull(self, req: Request) -> None:
         self._registered(req)
