@@ -959,3 +959,40 @@ def test_a_round_replies_with_the_touched_rows_when_only_they_change(kind, mode)
     assert replies == [["pack0@rows", "pack0", "pack1"] if rows else ["pack0", "pack1"]] * 4
     stats = server.stats()
     assert stats["rejected"] == {} and stats["clipped"] == (4 if kind == "sgd-clip" else 0)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_zero_width_sparse_table_goes_as_an_empty_pack(mode):
+    """``nn.Embedding(5, 0, sparse=True)`` has rows without elements, which no row message
+    can carry: its piece goes as an empty dense pack, and the rest trains as in one process."""
+    from concord.strategies.ps.client import PSOptimizer, describe
+    from concord.strategies.sparse import sparse_grad_params
+
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = _table_model()
+        model["zero"] = torch.nn.Embedding(5, 0, sparse=True)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    chan = PartsChannel()
+    server = ShardServer(chan, rank=0, workers=1, timeout=10)
+    model, opt = build()
+    params, infos = describe(model, opt)
+    ctx = SimpleNamespace(rank=0, world_size=1, timeout=5)
+    shards = plan_shards(infos, 1).shards
+    sparse = sparse_grad_params(model)
+    ps = PSOptimizer(
+        opt, ParameterServer(mode), ctx, params, infos, shards, [Loopback(server, b"w0")], sparse
+    )
+    ps._finalizer.detach()
+    ps._finalizer = weakref.finalize(ps, lambda: None)  # open, and no goodbye to send
+    ps.register(spec_from_optimizer(opt).to_json())
+    reference, ref_opt = build()
+    for step in range(3):
+        for m, o in ((model, ps), (reference, ref_opt)):
+            o.zero_grad()
+            ids = torch.tensor([[step, 4]])
+            (_table_loss(m, step) + m["zero"](ids).sum()).backward()
+            o.step()
+        for got, want in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert server.stats()["rejected"] == {}

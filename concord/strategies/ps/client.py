@@ -363,8 +363,11 @@ class PSOptimizer(DistributedOptimizer):
 
     def _push_rows(self, members: list[tuple[Piece, nn.Parameter]]) -> bool:
         """Whether a pack goes as rows (:mod:`concord.algorithms.row_grads`): the one piece of
-        a parameter whose gradient is sparse (or None)."""
+        a parameter whose gradient is sparse (or None) and whose rows have elements (a
+        zero-width table goes as its empty dense pack)."""
         if len(members) != 1 or id(members[0][1]) not in self.sparse:
+            return False
+        if members[0][0].numel == 0:
             return False
         grad = members[0][1].grad
         return grad is None or grad.is_sparse
