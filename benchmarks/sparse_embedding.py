@@ -16,7 +16,8 @@ worker, median over the repeats.
 ``--ps S`` adds a second job per vocabulary with S parameter servers: sync PS
 (``ParameterServer()``: pushes carry the touched rows, and with plain SGD the replies too)
 against DDP and no-comm in the same worker processes; ``--ps-mode async`` runs async PS
-instead (each reply carries the rows changed since the worker's previous one).
+instead (each reply carries the rows changed since the worker's previous one), ``async-delta``
+async PS with push="delta" (each worker steps its own SGD and pushes the rows' change).
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def _system(name: str, vocab: int, mode: str = "sync"):
     if name == "local":
         return model, opt
     if name == "ps":
-        return concord.distribute(model, opt, concord.ParameterServer(mode))
+        push = "delta" if mode.endswith("-delta") else "grad"
+        strategy = concord.ParameterServer(mode.removesuffix("-delta"), push=push)
+        return concord.distribute(model, opt, strategy)
     engine = "torch" if name == "concord-torch" else "auto"
     return concord.distribute(model, opt, concord.AllReduce(engine=engine))
 
@@ -129,13 +132,13 @@ def _parameter_servers(
                 }
             )
     print(
-        f"{'N':>3} {'S':>2} {'vocab':>8} {'DDP samples/s':>14} {mode + ' PS':>10} {'no-comm':>10} "
+        f"{'N':>3} {'S':>2} {'vocab':>8} {'DDP samples/s':>14} {mode + ' PS':>15} {'no-comm':>10} "
         f"{'PS/DDP':>7} {'MB/push':>8} {'MB/reply':>9}"
     )
     for r in rows:
         print(
             f"{r['world']:>3} {r['servers']:>2} {r['vocab']:>8} {r['ddp_sps']:>14.0f} "
-            f"{r['ps_sps']:>10.0f} {r['local_sps']:>10.0f} {r['ps_vs_ddp']:>6.2f}x "
+            f"{r['ps_sps']:>15.0f} {r['local_sps']:>10.0f} {r['ps_vs_ddp']:>6.2f}x "
             f"{r['mb_per_push']:>8.3f} {r['mb_per_reply']:>9.3f}"
         )
     print(json.dumps({"benchmark": "sparse_embedding_ps", "repeats": repeats, "rows": rows}))
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocabs", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ps", type=int, metavar="S", help="also PS with S servers")
-    parser.add_argument("--ps-mode", choices=("sync", "async"), default="sync")
+    parser.add_argument("--ps-mode", choices=("sync", "async", "async-delta"), default="sync")
     parser.add_argument("--no-allreduce", action="store_true", help="only the --ps jobs")
     args = parser.parse_args(argv)
     if args.repeats < 5:

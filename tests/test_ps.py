@@ -231,12 +231,17 @@ class BagNet(nn.Module):
         return self.fc(self.bag(ids))
 
 
+def _bag_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(200 + step)
+    ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, 4), generator=gen)
+    ids[:, 0] = VOCAB // 2 - step  # rows near the servers' cut (row 25,000), every worker's
+    ids[:, 1] = 3  # one row every worker moves every step
+    return ids, torch.randint(0, 3, (GLOBAL_BATCH,), generator=gen)
+
+
 def _train_bags(model, opt, rank: int, world: int) -> None:
     for step in range(STEPS):
-        gen = torch.Generator().manual_seed(200 + step)
-        ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, 4), generator=gen)
-        ids[:, 0] = VOCAB // 2 - step  # rows near the servers' cut (row 25,000) too
-        y = torch.randint(0, 3, (GLOBAL_BATCH,), generator=gen)
+        ids, y = _bag_batch(step)
         mine = torch.arange(rank, GLOBAL_BATCH, world)
         opt.zero_grad()
         F.cross_entropy(model(ids[mine]), y[mine]).backward()
@@ -289,9 +294,9 @@ def test_sparse_embedding_gradients_travel_as_rows_and_match_one_process():
         assert stats["bytes_out"] < 1.7e6 + 2 * STEPS * 20_000, stats
 
 
-def _async_bag_worker() -> tuple[list[torch.Tensor], list[int]]:
-    """Async PS, the two workers pushing in turn (the store orders them); after each of its
-    pushes a worker's table must equal a full pull of the servers' (nothing pushed between)."""
+def _async_bag_worker(push: str) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    """Async PS, the two workers pushing in turn (the store orders them); after its last push
+    a worker's table must equal a full pull of the servers' (nothing pushed between)."""
     from datetime import timedelta
 
     import concord
@@ -300,62 +305,74 @@ def _async_bag_worker() -> tuple[list[torch.Tensor], list[int]]:
     torch.manual_seed(0 if ctx.rank == 0 else ctx.rank + 7)
     model = BagNet()
     opt = _bag_sgd(model)
-    model, opt = concord.distribute(model, opt, concord.ParameterServer(mode="async"))
-    replies = []  # bytes the servers sent for each of this worker's pushes
+    model, opt = concord.distribute(model, opt, concord.ParameterServer("async", push=push))
+    moved = []  # bytes into and out of the servers for each of this worker's pushes
     for step in range(STEPS):
         turn = 2 * step + ctx.rank
         ctx.store.wait([f"{ctx.store_prefix}turn/{turn}"] if turn else [], timedelta(seconds=60))
-        gen = torch.Generator().manual_seed(200 + step)
-        ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, 4), generator=gen)
-        y = torch.randint(0, 3, (GLOBAL_BATCH,), generator=gen)
+        ids, y = _bag_batch(step)
         mine = torch.arange(ctx.rank, GLOBAL_BATCH, 2)
         opt.zero_grad()
         F.cross_entropy(model(ids[mine]), y[mine]).backward()
-        before = sum(s["bytes_out"] for s in opt.server_stats())
+        before = opt.server_stats()
         opt.step()
-        replies.append(sum(s["bytes_out"] for s in opt.server_stats()) - before)
-        table = model.bag.weight.detach().clone()
-        opt.synchronize()  # the servers' whole table
-        assert torch.equal(table, model.bag.weight), f"worker {ctx.rank} push {step}"
+        after = opt.server_stats()
+        moved.append(
+            tuple(
+                sum(a[k] - b[k] for a, b in zip(after, before)) for k in ("bytes_in", "bytes_out")
+            )
+        )
+        params = [p.detach().clone() for p in model.parameters()]
+        if step == STEPS - 1:
+            opt.synchronize()  # the servers' whole table (only now: no pull mends a bad reply)
+            assert torch.equal(params[0], model.bag.weight), f"worker {ctx.rank}"
         ctx.store.set(f"{ctx.store_prefix}turn/{turn + 1}", "go")
-    params = [p.detach().clone() for p in model.parameters()]
     opt.close()
-    return params, replies
+    return params, moved
 
 
 @pytest.mark.timeout(150)
-def test_async_replies_carry_the_rows_changed_since_the_worker_s_last_reply():
-    """Async PS with a sparse table under plain SGD (cut mid-row between two servers): each
-    reply carries the rows changed since the version the worker last loaded (the other
-    worker's push included), and the worker's table then equals the servers' exactly. In
-    turn order the job equals one process that applies each worker's gradient, computed on
-    that worker's copy (one push old: async), to one model whose optimizer holds the head's
-    momentum, to 1e-5 relative."""
-    job = run_ps_job(_async_bag_worker, 2, 2)
+@pytest.mark.parametrize("push", ["grad", "delta"])
+def test_async_pushes_and_replies_carry_rows_of_a_sparse_table(push):
+    """Async PS with a sparse table under plain SGD (cut mid-row between two servers): a push
+    carries the rows the worker's gradient touched (push="delta": their change after the
+    local step), each reply the rows changed since the version the worker last loaded (the
+    other worker's push included), and the worker's table then equals the servers' exactly.
+    In turn order the job equals one process in which each worker's copy (one push old:
+    async) computes a gradient that steps the one model (the head's momentum on the servers),
+    or (push="delta") steps its own optimizer and adds its change to the one model, to 1e-5
+    relative."""
+    job = run_ps_job(_async_bag_worker, 2, 2, args=(push,))
     torch.manual_seed(0)
     model = BagNet()
     opt = _bag_sgd(model)
     copies = [BagNet(), BagNet()]
+    local = [_bag_sgd(copy) for copy in copies]  # (push="delta": each worker's optimizer)
     for copy in copies:
         copy.load_state_dict(model.state_dict())
     for step in range(STEPS):
-        gen = torch.Generator().manual_seed(200 + step)
-        ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, 4), generator=gen)
-        y = torch.randint(0, 3, (GLOBAL_BATCH,), generator=gen)
+        ids, y = _bag_batch(step)
         for rank, copy in enumerate(copies):
             mine = torch.arange(rank, GLOBAL_BATCH, 2)
+            before = [p.detach().clone() for p in copy.parameters()]
             copy.zero_grad()
             F.cross_entropy(copy(ids[mine]), y[mine]).backward()
-            for param, stale in zip(model.parameters(), copy.parameters()):
-                param.grad = stale.grad
-            opt.step()
+            if push == "delta":
+                local[rank].step()
+                with torch.no_grad():
+                    for param, now, was in zip(model.parameters(), copy.parameters(), before):
+                        param += now - was
+            else:
+                for param, stale in zip(model.parameters(), copy.parameters()):
+                    param.grad = stale.grad
+                opt.step()
             copy.load_state_dict(model.state_dict())
-    for (params, replies), copy in zip(job.results, copies):  # (as of its own last push)
+    for (params, moved), copy in zip(job.results, copies):  # (as of its own last push)
         for got, want in zip(params, copy.parameters()):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        # at most 2 pushes x 32 ids of 8 floats + numbers (and a stats reply): the whole
-        # table, which replies carried before, is 1.6 MB
-        assert max(replies) < 20_000, replies
+        # at most 2 pushes x 32 ids of 8 floats + numbers (and the stats requests): the
+        # whole table, which async replies (and deltas) carried before, is 1.6 MB
+        assert max(max(pair) for pair in moved) < 20_000, moved
 
 
 @pytest.mark.timeout(120)

@@ -442,7 +442,7 @@ def test_shard_takes_a_sparse_gradient_s_rows_for_a_one_piece_pack():
         "pack0": torch.arange(8.0, dtype=torch.float64),
         "pack0" + ROWS_SUFFIX: torch.tensor([0, 3]),
     }
-    packs = shard.check_push({**dense, **rows}, "gradient", rows_ok=True)
+    packs = shard.check_push({**dense, **rows}, "gradient")
     assert isinstance(packs["pack0"], RowGrad) and packs["pack1"] is dense["pack1"]
     grads = shard.piece_grads(packs)  # row 0's element 3, row 3's element 0
     want = torch.tensor([3.0, 0, 0, 0, 0, 0, 0, 0, 0, 4], dtype=torch.float64)
@@ -453,38 +453,33 @@ def test_shard_takes_a_sparse_gradient_s_rows_for_a_one_piece_pack():
     shard.set_hyperparameters([{"lr": 1.0, "momentum": 0.5}])  # every row moves: dense
     assert torch.equal(shard.piece_grads(packs)["e[3:13]"], want)
     bad = [
-        ({**dense, **rows}, False, "shape", "must carry packs"),  # rows only for gradients
         (
             {**dense, "pack1" + ROWS_SUFFIX: torch.tensor([0]), **rows},
-            True,
             "shape",
             "several pieces",
         ),
         (
             {**dense, "pack7" + ROWS_SUFFIX: torch.tensor([0]), **rows},
-            True,
             "shape",
             "must carry packs",
         ),
-        ({**dense, "pack0" + ROWS_SUFFIX: torch.tensor([0])}, True, "shape", "must carry packs"),
-        ({**dense, **rows, "pack0": torch.ones(8)}, True, "dtype", "is torch.float32"),
+        ({**dense, "pack0" + ROWS_SUFFIX: torch.tensor([0])}, "shape", "must carry packs"),
+        ({**dense, **rows, "pack0": torch.ones(8)}, "dtype", "is torch.float32"),
         (
             {**dense, **rows, "pack0" + ROWS_SUFFIX: torch.tensor([0, 5])},
-            True,
             "shape",
             r"in \[0, 4\)",
         ),
         (
             {**dense, **rows, "pack0" + ROWS_SUFFIX: torch.tensor([1])},
-            True,
             "shape",
             "need 4 values, got 8",
         ),
-        ({"pack1": torch.ones(4), **rows}, True, "shape", "has 4 elements, expected 5"),
+        ({"pack1": torch.ones(4), **rows}, "shape", "has 4 elements, expected 5"),
     ]
-    for tensors, rows_ok, kind, match in bad:
+    for tensors, kind, match in bad:
         with pytest.raises(WireError, match=match) as err:
-            shard.check_push(tensors, "gradient", rows_ok=rows_ok)
+            shard.check_push(tensors, "gradient")
         assert err.value.kind == kind
 
 
@@ -680,7 +675,8 @@ def test_async_replies_carry_the_rows_changed_since_the_version_the_push_names()
     the version the push names (its worker's last loaded reply), other workers' rows
     included, and their current values; the whole piece once the rows would take half its
     bytes or more; nothing for a push without a gradient. Workers released together get the
-    rows the one that holds the oldest version needs."""
+    rows the one that holds the oldest version needs. push="delta": the rows of a change,
+    added, answered the same way."""
     server, chan = _table_server(2, mode="async")
     flat = server.shard.flats["pack0"].view(19, 4)  # rows 1..19
     expected = [
@@ -711,6 +707,15 @@ def test_async_replies_carry_the_rows_changed_since_the_version_the_push_names()
     replies = [(peer, msg.step, msg.tensors["pack0@rows"].tolist()) for peer, msg in chan.sent]
     # worker 0 (holding 1) was held at its second push; worker 2 (holding 0) releases it
     assert replies[-2:] == [(b"w0", 4, [1, 2, 3, 4]), (b"w2", 4, [1, 2, 3, 4])]
+
+    server, chan = _table_server(2, mode="async", push="delta")  # rows of a parameter change
+    _push_rows(server, 0, 0, [2, 3])
+    _push_rows(server, 1, 0, [3, 9])
+    ((_, first), (_, second)) = chan.sent
+    assert first.tensors["pack0@rows"].tolist() == [2, 3]
+    assert second.tensors["pack0@rows"].tolist() == [2, 3, 9]
+    assert second.tensors["pack0"].tolist() == [1.0] * 4 + [2.0] * 4 + [1.0] * 4  # added
+    assert server.shard.flats["pack0"].sum() == 16
 
 
 def test_server_sync_round_with_backup_worker_and_min_workers_timeout():
@@ -884,6 +889,25 @@ class Loopback:
         return whole
 
 
+def _loopback_ps(model, opt, strategy: ParameterServer, chan: FakeChannel):
+    """One worker's registered ``PSOptimizer`` over an in-process server on ``chan``."""
+    from concord.strategies.ps.client import PSOptimizer, describe
+    from concord.strategies.sparse import sparse_grad_params
+
+    server = ShardServer(chan, rank=0, workers=1, timeout=10)
+    params, infos = describe(model, opt)
+    ctx = SimpleNamespace(rank=0, world_size=1, timeout=5)
+    shards = plan_shards(infos, 1).shards
+    chans = [Loopback(server, b"w0")]
+    sparse = sparse_grad_params(model)
+    ps = PSOptimizer(opt, strategy, ctx, params, infos, shards, chans, sparse)
+    ps._finalizer.detach()
+    ps._finalizer = weakref.finalize(ps, lambda: None)  # open, and no goodbye to send
+    spec = spec_from_optimizer(opt).to_json() if strategy.push == "grad" else None
+    ps.register(spec)
+    return ps, server
+
+
 def _table_model() -> torch.nn.Module:
     torch.manual_seed(0)
     table = torch.nn.Embedding(40, 3, sparse=True)  # a pack of its own, before the head's
@@ -907,7 +931,7 @@ def test_a_round_replies_with_the_touched_rows_when_only_they_change(kind, mode)
     steps and sends the whole table (momentum moves every row it ever touched). Async, the
     rows changed since the worker's last reply: with one worker, the same. The worker's
     model equals one process's, step by step."""
-    from concord.strategies.ps.client import PSOptimizer, _row_tables, describe
+    from concord.strategies.ps.client import _row_tables, describe
     from concord.strategies.sparse import clip_grad_norm, sparse_grad_params
 
     def optimizer(model):
@@ -917,24 +941,14 @@ def test_a_round_replies_with_the_touched_rows_when_only_they_change(kind, mode)
         return torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
 
     chan = PartsChannel()
-    server = ShardServer(chan, rank=0, workers=1, timeout=10)
     model = _table_model()
     opt = optimizer(model)
     params, infos = describe(model, opt)
-    ctx = SimpleNamespace(rank=0, world_size=1, timeout=5)
-    shards = plan_shards(infos, 1).shards
-    chans = [Loopback(server, b"w0")]
-    strategy = ParameterServer(mode, max_grad_norm=0.5 if kind == "sgd-clip" else None)
-    ps = PSOptimizer(opt, strategy, ctx, params, infos, shards, chans, {id(params[0])})
     assert sparse_grad_params(model) == {id(params[0])}
-    tables = _row_tables(strategy, opt, params, infos, {id(params[0])})  # not cut into pieces
+    tables = _row_tables(opt, params, infos, {id(params[0])})  # not cut into pieces
     assert tables == (set() if kind == "sgd-momentum" else {"table.weight"})
-    assert not _row_tables(
-        ParameterServer("async", push="delta"), opt, params, infos, {id(params[0])}
-    )
-    ps._finalizer.detach()
-    ps._finalizer = weakref.finalize(ps, lambda: None)  # open, and no goodbye to send
-    ps.register(spec_from_optimizer(opt).to_json())
+    strategy = ParameterServer(mode, max_grad_norm=0.5 if kind == "sgd-clip" else None)
+    ps, server = _loopback_ps(model, opt, strategy, chan)
     server.norms = None  # (one server: the clip needs no store)
     reference = _table_model()
     ref_opt = optimizer(reference)
@@ -965,27 +979,14 @@ def test_a_round_replies_with_the_touched_rows_when_only_they_change(kind, mode)
 def test_a_zero_width_sparse_table_goes_as_an_empty_pack(mode):
     """``nn.Embedding(5, 0, sparse=True)`` has rows without elements, which no row message
     can carry: its piece goes as an empty dense pack, and the rest trains as in one process."""
-    from concord.strategies.ps.client import PSOptimizer, describe
-    from concord.strategies.sparse import sparse_grad_params
 
     def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = _table_model()
         model["zero"] = torch.nn.Embedding(5, 0, sparse=True)
         return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
-    chan = PartsChannel()
-    server = ShardServer(chan, rank=0, workers=1, timeout=10)
     model, opt = build()
-    params, infos = describe(model, opt)
-    ctx = SimpleNamespace(rank=0, world_size=1, timeout=5)
-    shards = plan_shards(infos, 1).shards
-    sparse = sparse_grad_params(model)
-    ps = PSOptimizer(
-        opt, ParameterServer(mode), ctx, params, infos, shards, [Loopback(server, b"w0")], sparse
-    )
-    ps._finalizer.detach()
-    ps._finalizer = weakref.finalize(ps, lambda: None)  # open, and no goodbye to send
-    ps.register(spec_from_optimizer(opt).to_json())
+    ps, server = _loopback_ps(model, opt, ParameterServer(mode), PartsChannel())
     reference, ref_opt = build()
     for step in range(3):
         for m, o in ((model, ps), (reference, ref_opt)):
@@ -995,4 +996,43 @@ def test_a_zero_width_sparse_table_goes_as_an_empty_pack(mode):
             o.step()
         for got, want in zip(model.parameters(), reference.parameters()):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert server.stats()["rejected"] == {}
+
+
+def test_a_delta_push_under_sparse_adam_carries_the_touched_rows():
+    """push="delta" with ``torch.optim.SparseAdam`` on the worker (lazy: it moves only the
+    rows with a gradient): each push carries the change of the rows the step touched, each
+    reply those rows back; the model equals one process's SparseAdam training."""
+
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({"table": torch.nn.Embedding(40, 3, sparse=True)})
+        return model, torch.optim.SparseAdam(model.parameters(), lr=0.1)
+
+    chan = FakeChannel()
+    model, opt = build()
+    ps, server = _loopback_ps(model, opt, ParameterServer("async", push="delta"), chan)
+    pushed, replied = [], []
+    dispatch = server.dispatch
+    server.dispatch = lambda req: (pushed.append(dict(req.msg.tensors)), dispatch(req))
+    original = chan.reply_many
+
+    def record(peers, msg, track=False, before_part=None):
+        replied.append(msg.tensors.get("pack0@rows"))
+        return original(peers, msg, track, before_part)
+
+    chan.reply_many = record
+    reference, ref_opt = build()
+    for step in range(4):
+        for m, o in ((model, ps), (reference, ref_opt)):
+            o.zero_grad()
+            ids = torch.tensor([[step, 2 * step + 1, 7]])
+            m["table"](ids).pow(2).sum().backward()
+            o.step()
+        for got, want in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        rows = sorted({step, 2 * step + 1, 7})
+        assert pushed[-1]["pack0@rows"].tolist() == rows
+        assert pushed[-1]["pack0"].numel() == 3 * len(rows)
+        assert replied[-1].tolist() == rows  # (one worker: only its own rows changed)
     assert server.stats()["rejected"] == {}

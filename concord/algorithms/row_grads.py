@@ -27,7 +27,10 @@ ROWS_SUFFIX = "@rows"  # a push's key for the row numbers of pack ``key`` is ``k
 def untouched_rows_stay(optimizer: str, group: Mapping[str, Any]) -> bool:
     """Whether torch optimizer ``optimizer`` (a class name) with param group settings
     ``group`` leaves a row without gradient as it is: plain SGD (no momentum, no weight
-    decay) and Adagrad without weight decay; momentum and Adam's moments move every row."""
+    decay), Adagrad without weight decay and SparseAdam (lazy: it moves only the rows with a
+    gradient); momentum and Adam's moments move every row."""
+    if optimizer == "SparseAdam":
+        return True
     if group.get("weight_decay", 0) != 0:
         return False
     return optimizer == "Adagrad" or (optimizer == "SGD" and group.get("momentum", 0) == 0)

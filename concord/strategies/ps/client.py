@@ -16,7 +16,10 @@ shards work in parallel:
   version this worker last loaded, which its push names), copied into the model. The local
   optimizer never steps.
 - push="delta": the local optimizer steps, the change since the last pull is pushed (packed),
-  and the server's latest parameters replace the local ones.
+  and the server's latest parameters replace the local ones. A sparse table whose local
+  optimizer moves only the rows with a gradient (plain SGD, Adagrad, SparseAdam) pushes the
+  change of the rows its gradients touched since the last push, and gets back the rows
+  changed since the version it last loaded.
 
 Packing is the one copy of the gradients: straight into the server's shared-memory lane on
 the same host, else into a buffer reused every step; a pack of one piece (a large tensor)
@@ -57,6 +60,8 @@ from concord.algorithms.ps_state import (
 from concord.algorithms.row_grads import (
     ROWS_SUFFIX,
     check_rows,
+    gather_rows,
+    row_range,
     row_width,
     scatter_rows,
     untouched_rows_stay,
@@ -117,7 +122,7 @@ def connect(
     params, infos = describe(model, optimizer)
     spec = spec_from_optimizer(optimizer).to_json() if strategy.push == "grad" else None
     sparse = sparse_grad_params(model)
-    tables = _row_tables(strategy, optimizer, params, infos, sparse)
+    tables = _row_tables(optimizer, params, infos, sparse)
     plan = plan_shards(infos, servers, whole=tables)
     codec = Codec(ctx.secret)
     hint = f"did the job start with concord run --servers {servers}, and did it start?"
@@ -166,6 +171,9 @@ class PSOptimizer(DistributedOptimizer):
         self.versions = [0] * len(channels)
         self.steps = 0  # pushes made; a sync push is labelled with it (see step())
         self._base: dict[tuple[int, str], torch.Tensor] = {}  # (server, pack) -> last pulled
+        self._groups = {id(p): info.group for p, info in zip(params, infos)}
+        # push="delta": a sparse table's rows touched since the last push (None: all of them)
+        self._touched: dict[int, list[torch.Tensor] | None] = {}
         self._hp_sent: list[dict[str, Any]] | None = None
         self._finalizer = weakref.finalize(self, _goodbye, channels, ctx.rank)
 
@@ -197,6 +205,7 @@ class PSOptimizer(DistributedOptimizer):
         self._check_open()
         delta = self.strategy.push == "delta"
         if delta:
+            self._note_touched()
             self.optimizer.step()
         meta = {} if delta else self._hp_meta() | self._loss_scaling()
         for s, chan in enumerate(self.channels):
@@ -204,6 +213,7 @@ class PSOptimizer(DistributedOptimizer):
                 chan.send(self._push_message(s, meta, self._deltas(s)))
             else:
                 chan.send(self._push_message(s, meta, *self._grads(s)))
+        self._touched.clear()
         self._collect("new parameters after a push", 2 * self.timeout + 5)
         self.steps += 1
 
@@ -396,7 +406,51 @@ class PSOptimizer(DistributedOptimizer):
         }
 
     def _deltas(self, s: int) -> dict[str, torch.Tensor]:
-        return {key: value - self._base[s, key] for key, value in self._param_packs(s).items()}
+        """Server ``s``'s packs of the change since the last pull: a sparse table's as the
+        rows it touched since the last push (see :meth:`_delta_rows`), the rest whole."""
+        out = {}
+        for pack, members in self._packs[s]:
+            base = self._base[s, pack.key]
+            rows = self._delta_rows(members)
+            if rows is None:
+                pieces = [_flat(p)[pc.start : pc.stop] for pc, p in members]
+                out[pack.key] = torch.cat(pieces).cpu() - base
+                continue
+            ((pc, param),) = members
+            width = row_width(param.shape)
+            now = gather_rows(
+                _flat(param)[pc.start : pc.stop], rows.to(param.device), width, pc.start
+            )
+            out[pack.key] = now.cpu() - gather_rows(base, rows, width, pc.start)
+            out[pack.key + ROWS_SUFFIX] = rows
+        return out
+
+    def _note_touched(self) -> None:
+        """push="delta", before the local step: the rows each sparse table's gradient touches
+        (a dense gradient touches all of them)."""
+        for param in self._params:
+            if id(param) not in self.sparse or param.grad is None:
+                continue
+            touched = self._touched.setdefault(id(param), [])
+            if touched is not None and param.grad.is_sparse:
+                touched.append(param.grad._indices()[0].cpu())
+            else:
+                self._touched[id(param)] = None
+
+    def _delta_rows(self, members: list[tuple[Piece, nn.Parameter]]) -> torch.Tensor | None:
+        """The rows (sorted, unique) whose change a one-piece pack of a sparse table pushes:
+        those its gradients touched since the last push, when the local optimizer moves only
+        those; None: the whole pack."""
+        if len(members) != 1 or id(members[0][1]) not in self.sparse or not members[0][0].numel:
+            return None
+        pc, param = members[0]
+        group = self.optimizer.param_groups[self._groups[id(param)]]
+        touched = self._touched.get(id(param), [])
+        if touched is None or not untouched_rows_stay(type(self.optimizer).__name__, group):
+            return None
+        first, end = row_range(pc.start, pc.stop, row_width(param.shape))
+        rows = torch.unique(torch.cat(touched)) if touched else torch.zeros(0, dtype=torch.long)
+        return rows[(rows >= first) & (rows < end)]
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -473,8 +527,8 @@ class PSOptimizer(DistributedOptimizer):
         self, s: int, pack: Pack, members: list, numbers: torch.Tensor, value: torch.Tensor
     ) -> None:
         """Copy the rows ``numbers`` of a one-piece pack (their elements in the piece, in
-        ``value``) into the parameter."""
-        if len(members) != 1 or self.strategy.push == "delta":
+        ``value``) into the parameter (and, push="delta", into the last pulled values)."""
+        if len(members) != 1:
             raise ProtocolError(f"server {s} sent rows for {pack.key}, which cannot take them")
         ((pc, param),) = members
         if value.dtype != param.dtype:
@@ -484,6 +538,8 @@ class PSOptimizer(DistributedOptimizer):
         try:
             check_rows(numbers, width, pc.start, pc.numel)
             scatter_rows(target, numbers.to(param.device), width, pc.start, value.to(param.device))
+            if self.strategy.push == "delta":
+                scatter_rows(self._base[s, pack.key], numbers, width, pc.start, value)
         except ValueError as exc:
             raise ProtocolError(f"server {s} sent bad rows for {pack.key}: {exc}") from None
 
@@ -495,18 +551,15 @@ class PSOptimizer(DistributedOptimizer):
 
 
 def _row_tables(
-    strategy: ParameterServer,
     optimizer: torch.optim.Optimizer,
     params: list[nn.Parameter],
     infos: list[ParamInfo],
     sparse: set[int],
 ) -> frozenset[str]:
-    """The sparse tables whose pushes, steps and replies are rows only (their optimizer leaves
-    untouched rows alone; push="grad"): left whole on each server, since every piece costs its
-    own rows, frames and optimizer call per push, and the table itself travels only at
-    registration, pulls and checkpoints."""
-    if strategy.push != "grad":
-        return frozenset()
+    """The sparse tables whose pushes, steps and replies are rows only (their optimizer, the
+    servers' or with push="delta" the local one, leaves untouched rows alone): left whole on
+    each server, since every piece costs its own rows, frames and optimizer call per push,
+    and the table itself travels only at registration, pulls and checkpoints."""
     name = type(optimizer).__name__
     groups = [optimizer.param_groups[info.group] for info in infos]
     return frozenset(

@@ -139,7 +139,7 @@ class Shard:
             self.optimizer = opt_spec.build(by_group)
             self._map_groups(by_group)
         self.config, self.metas, self.values = dict(config), metas, values
-        if config.get("mode") == "async" and self.optimizer is not None:
+        if config.get("mode") == "async":
             for pack in self.packs:  # (a sparse table's piece is alone in its pack)
                 width, start, numel = self.row_packs.get(pack.key, (0, 0, 0))
                 if width and by_key[pack.members[0][0]]["sparse"]:
@@ -214,17 +214,16 @@ class Shard:
             _check_value(what, pack.key, tensors[pack.key], pack.dtype, pack.numel)
 
     def check_push(
-        self, tensors: Mapping[str, torch.Tensor], what: str, rows_ok: bool
+        self, tensors: Mapping[str, torch.Tensor], what: str
     ) -> dict[str, torch.Tensor | RowGrad]:
-        """A push's packs, checked as :meth:`check_packs` checks them; with ``rows_ok`` (a
-        gradient push) a one-piece pack may come as rows instead: its key carries the rows'
-        values and its key + ``@rows`` their row numbers (it becomes a
+        """A push's packs (gradients or deltas), checked as :meth:`check_packs` checks them,
+        except that a one-piece pack may come as rows: its key carries the rows' values and
+        its key + ``@rows`` their row numbers (it becomes a
         :class:`~concord.algorithms.row_grads.RowGrad`)."""
         packs = dict(tensors)
         rows = {}
-        if rows_ok:
-            for key in [k for k in tensors if k.endswith(ROWS_SUFFIX)]:
-                rows[key[: -len(ROWS_SUFFIX)]] = packs.pop(key)
+        for key in [k for k in tensors if k.endswith(ROWS_SUFFIX)]:
+            rows[key[: -len(ROWS_SUFFIX)]] = packs.pop(key)
         if not rows:
             self.check_packs(packs, what)
             return packs
@@ -315,10 +314,14 @@ class Shard:
         if whole:
             self.version += 1
 
-    def apply_deltas(self, deltas: Mapping[str, torch.Tensor]) -> None:
-        """Add a worker's parameter change (one tensor per pack, checked) to the shard."""
+    def apply_deltas(self, deltas: Mapping[str, torch.Tensor | RowGrad]) -> None:
+        """Add a worker's parameter change (one tensor per pack, checked; a sparse table's
+        pack may come as the rows that changed) to the shard."""
         for key, delta in deltas.items():
-            self.flats[key].add_(delta)
+            if isinstance(delta, RowGrad):
+                delta.add_to(self.flats[key])
+            else:
+                self.flats[key].add_(delta)
         self.version += 1
 
     def set_hyperparameters(self, settings: Any) -> None:
@@ -393,14 +396,14 @@ class Shard:
     def mark_changed(
         self, packs: Mapping[str, torch.Tensor | RowGrad], absent: frozenset[str]
     ) -> None:
-        """Async, after a push's step: record the shard's version as the one at which each
-        row of a sparse table's piece the push changed last changed (the rows it came with when
-        its optimizer leaves the others as they are, else every row)."""
+        """Async, after a push's step (or delta): record the shard's version as the one at
+        which each row of a sparse table's piece the push changed last changed (the rows it
+        came with when nothing else changes, see :meth:`rows_only`, else every row)."""
         for key, changed in self.changed.items():
             grad = packs[key]
             if self.pieces_in([key])[0] in absent:  # no gradient: the optimizer skipped it
                 continue
-            if isinstance(grad, RowGrad) and self.keeps_untouched_rows(key):
+            if isinstance(grad, RowGrad) and self.rows_only(key):
                 changed[grad.rows - grad.start // grad.width] = self.version
             else:
                 changed.fill_(self.version)
@@ -414,7 +417,7 @@ class Shard:
         tensors = {}
         for key, flat in self.flats.items():
             changed = self.changed.get(key)
-            if changed is not None and self.keeps_untouched_rows(key):  # (else all change)
+            if changed is not None and self.rows_only(key):  # (else every row changes)
                 width, start, numel = self.row_packs[key]
                 numbers = changed.gt(since).nonzero().squeeze(1).add_(start // width)
                 values = rows_numel(numbers, width, start, numel)
@@ -424,6 +427,12 @@ class Shard:
                     continue
             tensors[key] = flat.clone() if copy else flat
         return tensors
+
+    def rows_only(self, key: str) -> bool:
+        """Whether a push that carries rows for pack ``key`` changes only those rows: a delta
+        (push="delta": the shard has no optimizer), or a gradient under an optimizer that
+        :meth:`keeps_untouched_rows`."""
+        return self.optimizer is None or self.keeps_untouched_rows(key)
 
     def keeps_untouched_rows(self, key: str) -> bool:
         """Whether pack ``key`` is one piece whose optimizer leaves a row without gradient as it

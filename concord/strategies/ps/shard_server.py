@@ -229,7 +229,7 @@ class ShardServer:
             self.lost.discard(worker)
             log.warning("server %d: lost worker %d is back", self.rank, worker)
         what = "delta" if self.shard.config.get("push") == "delta" else "gradient"
-        packs = self.shard.check_push(msg.tensors, what, rows_ok=what == "gradient")
+        packs = self.shard.check_push(msg.tensors, what)
         absent = self.shard.absent_pieces(msg.meta.get("absent"))
         staleness = self.shard.version - msg.step
         if staleness < 0:
@@ -315,7 +315,7 @@ class ShardServer:
             self.shard.apply_deltas(packs)
         else:
             self.shard.apply_grads(self.shard.piece_grads(packs, absent))
-            self.shard.mark_changed(packs, absent)
+        self.shard.mark_changed(packs, absent)
         self.counts["applied"] += 1
         self.clock.tick(req.msg.worker)
         if not self.clock.may_proceed(req.msg.worker):
