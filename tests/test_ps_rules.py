@@ -160,6 +160,35 @@ def test_split_tensor_updates_exactly_as_whole():
     assert split.param_groups[0]["betas"] == (0.8, 0.9)
 
 
+def test_shard_steps_dense_float_groups_with_the_fused_kernel():
+    """A shard builds its optimizer with torch's fused kernel for the groups that have only
+    dense float32/float64 pieces (a sparse table's group, or half precision, keeps the
+    default loop); the result equals the default to float rounding. RMSprop has no kernel."""
+    config = ParameterServer().config(1)
+    metas = [
+        piece_meta(Piece("w", 0, 6, 0), (6,), "float32", 0),
+        piece_meta(Piece("e", 0, 8, 0), (4, 2), "float32", 1, sparse=True),
+        piece_meta(Piece("h", 0, 3, 0), (3,), "float16", 2),
+    ]
+    initial = {"w[0:6]": torch.linspace(-1, 1, 6), "e[0:8]": torch.zeros(8)}
+    initial["h[0:3]"] = torch.zeros(3, dtype=torch.float16)
+    for name, fused in [("Adam", [True, False, False]), ("RMSprop", [None, None, None])]:
+        shard = Shard(0)
+        spec = {"name": name, "groups": [{"lr": 0.1}] * 3}
+        shard.register_first(config, metas, spec, initial)
+        assert [g.get("fused") for g in shard.optimizer.param_groups] == fused
+    reference = torch.nn.Parameter(torch.linspace(-1, 1, 6))
+    default = torch.optim.Adam([reference], lr=0.1)
+    adam = Shard(0)
+    spec = {"name": "Adam", "groups": [{"lr": 0.1}]}
+    adam.register_first(config, metas[:1], spec, {"w[0:6]": initial["w[0:6]"]})
+    for step in range(3):
+        reference.grad = torch.sin(torch.arange(6.0) + step)
+        default.step()
+        adam.apply_grads({"w[0:6]": reference.grad.clone()})
+    torch.testing.assert_close(adam.values["w[0:6]"], reference.detach(), rtol=1e-6, atol=0)
+
+
 def test_spec_refuses_what_is_not_allow_listed():
     class MySGD(torch.optim.SGD):
         pass
@@ -430,7 +459,7 @@ def test_shard_takes_a_sparse_gradient_s_rows_for_a_one_piece_pack():
     """Piece ``e[3:13]`` of a 5x4 table (mid-row at both ends) travels alone in its pack;
     ``w`` and ``v`` share one and must come dense."""
     config = ParameterServer().config(1)
-    metas = [piece_meta(Piece("e", 3, 13, 0), (5, 4), "float64", 0)]
+    metas = [piece_meta(Piece("e", 3, 13, 0), (5, 4), "float64", 0, sparse=True)]
     metas += _metas(shape=(2,), name="w") + _metas(shape=(3,), name="v")
     initial = {"e[3:13]": torch.zeros(10, dtype=torch.float64)}
     initial |= {"w[0:2]": torch.ones(2), "v[0:3]": torch.ones(3)}
@@ -456,7 +485,7 @@ def test_shard_takes_a_sparse_gradient_s_rows_for_a_one_piece_pack():
         (
             {**dense, "pack1" + ROWS_SUFFIX: torch.tensor([0]), **rows},
             "shape",
-            "several pieces",
+            "not a sparse table's piece",
         ),
         (
             {**dense, "pack7" + ROWS_SUFFIX: torch.tensor([0]), **rows},

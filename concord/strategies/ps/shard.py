@@ -42,6 +42,7 @@ from concord.algorithms.row_grads import (
 from concord.comm.wire import DTYPES, WireError
 
 _META_KEYS = {"name", "shape", "dtype", "group", "start", "stop", "sparse"}
+_FUSED_DTYPES = {"float32", "float64"}
 
 
 def piece_meta(
@@ -88,7 +89,7 @@ class Shard:
         self.values: dict[str, torch.Tensor] = {}  # piece key -> a view of its pack
         self.packs: tuple[Pack, ...] = ()
         self.flats: dict[str, torch.Tensor] = {}  # pack key -> its flat tensor
-        self.row_packs: dict[str, tuple[int, int, int]] = {}  # one-piece pack -> rows' layout
+        self.row_packs: dict[str, tuple[int, int, int]] = {}  # sparse table's pack -> layout
         self._row_groups: dict[str, int] = {}  # one-piece pack -> its piece's param group
         self._scratch: dict[str, torch.Tensor] = {}  # pack key -> a gradient densified (async)
         self.changed: dict[str, torch.Tensor] = {}  # async: sparse pack -> version, per row
@@ -118,9 +119,9 @@ class Shard:
         )
         by_key = dict(zip(keys, metas))
         self.row_packs, self._row_groups = {}, {}
-        for pack in self.packs:  # (row width, start, numel) of a pack's only piece
-            if len(pack.members) == 1:
-                m = by_key[pack.members[0][0]]
+        for pack in self.packs:  # (row width, start, numel) of a sparse table's piece
+            m = by_key[pack.members[0][0]]
+            if m["sparse"]:  # (alone in its pack)
                 layout = (row_width(m["shape"]), m["start"], m["stop"] - m["start"])
                 self.row_packs[pack.key] = layout
                 self._row_groups[pack.key] = m["group"]
@@ -136,15 +137,17 @@ class Shard:
                 if meta["group"] >= len(by_group):
                     raise WireError("header", f"{meta['name']}: no param group {meta['group']}")
                 by_group[meta["group"]].append(values[key])
-            self.optimizer = opt_spec.build(by_group)
+            # torch's fused kernels take no sparse gradients; half precision keeps torch's
+            # default arithmetic (one process's, to float32 rounding)
+            plain = {m["group"] for m in metas if m["sparse"] or m["dtype"] not in _FUSED_DTYPES}
+            self.optimizer = opt_spec.build(by_group, set(range(len(by_group))) - plain)
             self._map_groups(by_group)
         self.config, self.metas, self.values = dict(config), metas, values
         if config.get("mode") == "async":
-            for pack in self.packs:  # (a sparse table's piece is alone in its pack)
-                width, start, numel = self.row_packs.get(pack.key, (0, 0, 0))
-                if width and by_key[pack.members[0][0]]["sparse"]:
+            for key, (width, start, numel) in self.row_packs.items():
+                if width:
                     first, end = row_range(start, start + numel, width)
-                    self.changed[pack.key] = torch.zeros(end - first, dtype=torch.int64)
+                    self.changed[key] = torch.zeros(end - first, dtype=torch.int64)
 
     def _map_groups(self, by_group: list[list[torch.Tensor]]) -> None:
         assert self.optimizer is not None
@@ -243,7 +246,8 @@ class Shard:
             layout = self.row_packs.get(pack.key)
             if layout is None:
                 raise WireError(
-                    "shape", f"{what} {pack.key!r} holds several pieces: it cannot come as rows"
+                    "shape",
+                    f"{what} {pack.key!r} is not a sparse table's piece: it cannot come as rows",
                 )
             _check_value(what, pack.key, value, pack.dtype, value.numel())
             try:
