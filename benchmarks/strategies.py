@@ -19,6 +19,9 @@ ps-sync+clip`` (by hand, see the README) uses ``max_grad_norm`` (:data:`CLIP_NOR
 ``--pairs K``: only the goal's two configurations at N=4, AllReduce and sync PS (S=2), in K
 back-to-back pairs; each pair gives one ratio (this VM's speed drifts between runs, so one
 pair's ratio is steadier than one job's rate), reported with the median and the range.
+``--optimizer adam``: ``torch.optim.Adam(lr=1e-3)`` instead of SGD with momentum (the workers'
+``Adam`` as a DDP user builds it, torch's default implementation; the servers step theirs with
+torch's fused kernel); ``adam-fused``: the workers' Adam too with ``fused=True``.
 """
 
 from __future__ import annotations
@@ -50,7 +53,11 @@ def worker(args: argparse.Namespace) -> None:
     ctx = concord.init()
     torch.manual_seed(0)
     model = build_model("mlp")
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if args.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    else:
+        fused = True if args.optimizer == "adam-fused" else None
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
     if args.strategy == "allreduce":
         strategy = concord.AllReduce()
     else:
@@ -128,6 +135,7 @@ def run_job(
         cmd += ["--servers", str(servers)]
     cmd += [__file__, "--worker", "--strategy", strategy, "--steps", str(args.steps)]
     cmd += ["--warmup", str(args.warmup), "--batch", str(args.batch)]
+    cmd += ["--optimizer", args.optimizer]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = os.environ | {"PYTHONPATH": path}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -169,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--optimizer", choices=("sgd", "adam", "adam-fused"), default="sgd")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="allreduce", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
