@@ -220,8 +220,8 @@ class Shard:
         self, tensors: Mapping[str, torch.Tensor], what: str
     ) -> dict[str, torch.Tensor | RowGrad]:
         """A push's packs (gradients or deltas), checked as :meth:`check_packs` checks them,
-        except that a one-piece pack may come as rows: its key carries the rows' values and
-        its key + ``@rows`` their row numbers (it becomes a
+        except that a sparse table's pack may come as rows: its key carries the rows' values
+        and its key + ``@rows`` their row numbers (it becomes a
         :class:`~concord.algorithms.row_grads.RowGrad`)."""
         packs = dict(tensors)
         rows = {}
