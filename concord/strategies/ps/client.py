@@ -371,13 +371,15 @@ class PSOptimizer(DistributedOptimizer):
             out[pack.key] = self._pack(s, pack, pieces)
         return out, absent
 
+    def _table_piece(self, members: list[tuple[Piece, nn.Parameter]]) -> bool:
+        """Whether a pack is the one piece of a sparse table whose rows have elements (only
+        such a pack can travel as rows; a zero-width table goes as its empty dense pack)."""
+        return len(members) == 1 and id(members[0][1]) in self.sparse and members[0][0].numel > 0
+
     def _push_rows(self, members: list[tuple[Piece, nn.Parameter]]) -> bool:
-        """Whether a pack goes as rows (:mod:`concord.algorithms.row_grads`): the one piece of
-        a parameter whose gradient is sparse (or None) and whose rows have elements (a
-        zero-width table goes as its empty dense pack)."""
-        if len(members) != 1 or id(members[0][1]) not in self.sparse:
-            return False
-        if members[0][0].numel == 0:
+        """Whether a gradient pack goes as rows (:mod:`concord.algorithms.row_grads`): a
+        :meth:`_table_piece` whose gradient is sparse (or None)."""
+        if not self._table_piece(members):
             return False
         grad = members[0][1].grad
         return grad is None or grad.is_sparse
@@ -400,10 +402,7 @@ class PSOptimizer(DistributedOptimizer):
 
     def _param_packs(self, s: int) -> dict[str, torch.Tensor]:
         """Server ``s``'s packs of this worker's current parameter values."""
-        return {
-            pack.key: torch.cat([_flat(p)[pc.start : pc.stop] for pc, p in members]).cpu()
-            for pack, members in self._packs[s]
-        }
+        return {pack.key: _pack_values(members) for pack, members in self._packs[s]}
 
     def _deltas(self, s: int) -> dict[str, torch.Tensor]:
         """Server ``s``'s packs of the change since the last pull: a sparse table's as the
@@ -413,8 +412,7 @@ class PSOptimizer(DistributedOptimizer):
             base = self._base[s, pack.key]
             rows = self._delta_rows(members)
             if rows is None:
-                pieces = [_flat(p)[pc.start : pc.stop] for pc, p in members]
-                out[pack.key] = torch.cat(pieces).cpu() - base
+                out[pack.key] = _pack_values(members) - base
                 continue
             ((pc, param),) = members
             width = row_width(param.shape)
@@ -441,7 +439,7 @@ class PSOptimizer(DistributedOptimizer):
         """The rows (sorted, unique) whose change a one-piece pack of a sparse table pushes:
         those its gradients touched since the last push, when the local optimizer moves only
         those; None: the whole pack."""
-        if len(members) != 1 or id(members[0][1]) not in self.sparse or not members[0][0].numel:
+        if not self._table_piece(members):
             return None
         pc, param = members[0]
         group = self.optimizer.param_groups[self._groups[id(param)]]
@@ -580,6 +578,11 @@ def _packs(
     )
     by_key = {pc.key: (pc, param) for pc, param, _ in slots}
     return [(pack, [by_key[key] for key, _, _ in pack.members]) for pack in packs]
+
+
+def _pack_values(members: list[tuple[Piece, nn.Parameter]]) -> torch.Tensor:
+    """A pack of the members' current values (one flat CPU tensor)."""
+    return torch.cat([_flat(p)[pc.start : pc.stop] for pc, p in members]).cpu()
 
 
 def _flat(param: torch.Tensor) -> torch.Tensor:
