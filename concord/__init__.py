@@ -6,6 +6,7 @@ launched like torchrun (``concord run -n 4 train.py``).
 
 from concord import data
 from concord.algorithms.codecs import PowerSGD
+from concord.algorithms.multi_optimizer import MultiOptimizer
 from concord.api import Context, distribute, init, shutdown
 from concord.errors import ConcordError, PeerTimeoutError, UsageError
 from concord.strategies.allreduce import AllReduce
@@ -20,6 +21,7 @@ __all__ = [
     "Context",
     "Distributed",
     "DistributedOptimizer",
+    "MultiOptimizer",
     "ParameterServer",
     "PeerTimeoutError",
     "Pipeline",

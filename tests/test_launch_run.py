@@ -89,9 +89,12 @@ def test_workers_all_reduce_with_prefixed_output(tmp_path, workers):
 
 
 @pytest.mark.timeout(150)
-def test_sparse_embeddings_example_learns_with_two_optimizers():
-    """examples/sparse_embeddings.py: SparseAdam on the AllReduce-averaged sparse rows."""
-    result = _concord("run", "-n", "2", "examples/sparse_embeddings.py", cwd=ROOT)
+@pytest.mark.parametrize("ps", [False, True])
+def test_sparse_embeddings_example_learns_with_two_optimizers(ps):
+    """examples/sparse_embeddings.py: SparseAdam on the table's averaged sparse rows and Adam
+    on the rest, on every worker (AllReduce) or on a parameter server."""
+    args = ["--servers", "1", "examples/sparse_embeddings.py", "--ps"] if ps else []
+    result = _concord("run", "-n", "2", *(args or ["examples/sparse_embeddings.py"]), cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     accuracy = float(result.stdout.strip().splitlines()[-1].split("test_accuracy=")[1])
     assert accuracy > 0.9  # (chance is 0.2)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from concord.algorithms.multi_optimizer import MultiOptimizer
 from concord.comm.runtime import Context
 from concord.errors import UsageError
 from concord.strategies.pipeline import Pipeline, as_layers, restrict_optimizer
@@ -95,6 +96,14 @@ def test_restricted_optimizer_keeps_class_groups_and_state():
     assert local.state[model[3].weight] is opt.state[model[3].weight]
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         restrict_optimizer(object(), [])
+    head = torch.optim.AdamW(model[3].parameters())
+    both = MultiOptimizer(torch.optim.SGD(model[1].parameters(), lr=0.1), head)
+    model(torch.randn(2, 784)).sum().backward()
+    both.step()
+    local = restrict_optimizer(both, list(model[3].parameters()))
+    assert [type(o) for o in local.optimizers] == [torch.optim.SGD, torch.optim.AdamW]
+    assert [len(g["params"]) for g in local.param_groups] == [0, 2]
+    assert local.state[model[3].weight] is head.state[model[3].weight]
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])

@@ -258,13 +258,21 @@ def _bag_sgd(model: BagNet) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=0.5)
 
 
-def _bag_worker(overlap: bool) -> tuple[list[torch.Tensor], list[dict]]:
+def _bag_adams(model: BagNet) -> list[torch.optim.Optimizer]:
+    """The usual recipe: SparseAdam on the table, Adam on the head."""
+    return [
+        torch.optim.SparseAdam(list(model.bag.parameters()), lr=0.05),
+        torch.optim.Adam(model.fc.parameters(), lr=0.01),
+    ]
+
+
+def _bag_worker(overlap: bool, adams: bool = False) -> tuple[list[torch.Tensor], list[dict]]:
     import concord
 
     ctx = concord.init(timeout=60)
     torch.manual_seed(0 if ctx.rank == 0 else ctx.rank + 7)
     model = BagNet()
-    opt = _bag_sgd(model)
+    opt = _bag_adams(model) if adams else _bag_sgd(model)
     model, opt = concord.distribute(model, opt, concord.ParameterServer(overlap=overlap))
     _train_bags(model, opt, ctx.rank, ctx.world_size)
     stats = opt.server_stats()  # (overlap=True: loads the last parameters first)
@@ -292,6 +300,25 @@ def test_sparse_embedding_gradients_travel_as_rows_and_match_one_process():
         # move it 12 times more each way (10 MB)
         assert stats["bytes_in"] < 0.85e6 + 2 * STEPS * 20_000, stats  # lanes included
         assert stats["bytes_out"] < 1.7e6 + 2 * STEPS * 20_000, stats
+
+
+@pytest.mark.timeout(150)
+def test_sparse_adam_on_the_table_and_adam_on_the_rest_match_one_process():
+    """``distribute(model, [SparseAdam(table), Adam(head)], ParameterServer())``: the servers
+    run both (the table whole on one server, its rows only on the wire, as SparseAdam moves
+    only those); equal to one process stepping both optimizers to 1e-5."""
+    from concord.algorithms.multi_optimizer import MultiOptimizer
+
+    job = run_ps_job(_bag_worker, 2, 2, args=(False, True))
+    torch.manual_seed(0)
+    model = BagNet()
+    _train_bags(model, MultiOptimizer(*_bag_adams(model)), 0, 1)
+    for params, _ in job.results:
+        for got, ref in zip(params, model.parameters()):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    table = max(job.results[0][1], key=lambda stats: stats["bytes_in"])  # its server
+    assert table["bytes_in"] < 1.7e6 + 2 * STEPS * 20_000, table  # the 1.6 MB table once
+    assert table["bytes_out"] < 3.3e6 + 2 * STEPS * 20_000, table  # and out to each worker
 
 
 def _async_bag_worker(push: str) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:

@@ -4,11 +4,13 @@ decisions driven through a fake channel (deterministic: no sockets, no timing)."
 
 from __future__ import annotations
 
+import copy
 import time
 import weakref
 from collections import Counter
 from datetime import timedelta
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from concord.algorithms.multi_optimizer import MultiOptimizer
 from concord.algorithms.ps_plan import (
     OptimizerSpec,
     ParamInfo,
@@ -134,11 +137,11 @@ def test_spec_round_trips_settings_per_group():
         [{"params": [a]}, {"params": [b], "lr": 0.5}], lr=0.1, momentum=0.9, nesterov=True
     )
     spec = OptimizerSpec.from_json(spec_from_optimizer(opt).to_json())
-    assert spec.name == "SGD"
+    assert spec.names == ("SGD", "SGD")
     assert [g["lr"] for g in spec.groups] == [0.1, 0.5]
     assert spec.groups[0]["nesterov"] is True and spec.groups[1]["momentum"] == 0.9
     built = spec.build([[torch.zeros(2)], [torch.zeros(3)]])
-    assert [g["lr"] for g in built.param_groups] == [0.1, 0.5]
+    assert [g["lr"] for g in built.optimizer.param_groups] == [0.1, 0.5]
     opt.param_groups[0]["lr"] = 0.01
     assert hyperparameters(opt)[0]["lr"] == 0.01
 
@@ -149,7 +152,7 @@ def test_split_tensor_updates_exactly_as_whole():
     opt = torch.optim.Adam([whole], lr=0.1, betas=(0.8, 0.9), weight_decay=0.1)
     spec = spec_from_optimizer(opt)
     pieces = [whole.detach()[:4].clone(), whole.detach()[4:].clone()]
-    split = spec.build([pieces])
+    split = spec.build([pieces]).optimizer
     for step in range(3):
         grad = torch.sin(torch.arange(10.0) + step)
         whole.grad = grad.clone()
@@ -174,13 +177,13 @@ def test_shard_steps_dense_float_groups_with_the_fused_kernel():
     initial["h[0:3]"] = torch.zeros(3, dtype=torch.float16)
     for name, fused in [("Adam", [True, False, False]), ("RMSprop", [None, None, None])]:
         shard = Shard(0)
-        spec = {"name": name, "groups": [{"lr": 0.1}] * 3}
+        spec = {"names": [name] * 3, "groups": [{"lr": 0.1}] * 3}
         shard.register_first(config, metas, spec, initial)
         assert [g.get("fused") for g in shard.optimizer.param_groups] == fused
     reference = torch.nn.Parameter(torch.linspace(-1, 1, 6))
     default = torch.optim.Adam([reference], lr=0.1)
     adam = Shard(0)
-    spec = {"name": "Adam", "groups": [{"lr": 0.1}]}
+    spec = {"names": ["Adam"], "groups": [{"lr": 0.1}]}
     adam.register_first(config, metas[:1], spec, {"w[0:6]": initial["w[0:6]"]})
     for step in range(3):
         reference.grad = torch.sin(torch.arange(6.0) + step)
@@ -199,13 +202,13 @@ def test_spec_refuses_what_is_not_allow_listed():
     with pytest.raises(TypeError, match="LBFGS"):
         spec_from_optimizer(torch.optim.LBFGS(p))
     with pytest.raises(ValueError, match="'Evil' is not allowed"):
-        OptimizerSpec.from_json({"name": "Evil", "groups": [{}]})
+        OptimizerSpec.from_json({"names": ["Evil"], "groups": [{}]})
     with pytest.raises(ValueError, match="SGD has no setting 'params'"):
-        OptimizerSpec.from_json({"name": "SGD", "groups": [{"params": 1}]})
+        OptimizerSpec.from_json({"names": ["SGD"], "groups": [{"params": 1}]})
     with pytest.raises(TypeError, match="lr='os.system' must be a number"):
-        OptimizerSpec.from_json({"name": "SGD", "groups": [{"lr": "os.system"}]})
+        OptimizerSpec.from_json({"names": ["SGD"], "groups": [{"lr": "os.system"}]})
     with pytest.raises(ValueError, match="not finite"):
-        OptimizerSpec.from_json({"name": "SGD", "groups": [{"lr": float("nan")}]})
+        OptimizerSpec.from_json({"names": ["SGD"], "groups": [{"lr": float("nan")}]})
 
 
 # -- sync rounds ----------------------------------------------------------------------------
@@ -385,7 +388,7 @@ def _metas(shape=(2,), name="w", dtype="float32") -> list[dict]:
 
 
 def _sgd_spec() -> dict:
-    return {"name": "SGD", "groups": [{"lr": 0.5}]}
+    return {"names": ["SGD"], "groups": [{"lr": 0.5}]}
 
 
 def test_shard_checks_every_worker_against_worker_0():
@@ -420,7 +423,7 @@ def test_shard_keeps_pieces_as_views_of_packs_and_checks_pushed_packs():
     initial = {"w[0:2]": torch.ones(2), "v[0:3]": torch.full((3,), 2.0)}
     initial["n[0:1]"] = torch.tensor([7.0], dtype=torch.float64)
     shard = Shard(0)
-    spec = {"name": "SGD", "groups": [{"lr": 0.5, "momentum": 0.9}]}
+    spec = {"names": ["SGD"], "groups": [{"lr": 0.5, "momentum": 0.9}]}
     shard.register_first(config, metas, spec, initial)
     assert [(p.key, p.dtype, p.numel) for p in shard.packs] == [
         ("pack0", "float32", 5),
@@ -464,7 +467,7 @@ def test_shard_takes_a_sparse_gradient_s_rows_for_a_one_piece_pack():
     initial = {"e[3:13]": torch.zeros(10, dtype=torch.float64)}
     initial |= {"w[0:2]": torch.ones(2), "v[0:3]": torch.ones(3)}
     shard = Shard(0)
-    shard.register_first(config, metas, {"name": "SGD", "groups": [{"lr": 1.0}]}, initial)
+    shard.register_first(config, metas, {"names": ["SGD"], "groups": [{"lr": 1.0}]}, initial)
     assert shard.row_packs == {"pack0": (4, 3, 10)}
     dense = {"pack1": torch.ones(5)}
     rows = {
@@ -520,9 +523,15 @@ def test_shard_rejects_bad_descriptions_and_optimizers():
         Shard(0).register_first(config, _metas(), _sgd_spec(), {})
     with pytest.raises(WireError) as err:
         Shard(0).register_first(
-            config, _metas(), {"name": "Pickle", "groups": [{}]}, {"w[0:2]": torch.ones(2)}
+            config, _metas(), {"names": ["Pickle"], "groups": [{}]}, {"w[0:2]": torch.ones(2)}
         )
     assert err.value.kind == "optimizer"
+    dense_adam = {"names": ["SparseAdam"], "groups": [{}]}
+    with pytest.raises(WireError, match="w: SparseAdam steps only sparse-gradient tables"):
+        Shard(0).register_first(config, _metas(), dense_adam, {"w[0:2]": torch.ones(2)})
+    uneven = {"names": ["SGD", "SGD"], "groups": [{}]}
+    with pytest.raises(WireError, match="bad optimizer spec"):
+        Shard(0).register_first(config, _metas(), uneven, {"w[0:2]": torch.ones(2)})
 
 
 # -- max_grad_norm ----------------------------------------------------------------------------
@@ -678,7 +687,11 @@ def _table_server(workers: int, **kwargs) -> tuple[ShardServer, FakeChannel]:
     server = ShardServer(chan, rank=0, workers=workers, timeout=10)
     config = ParameterServer(**kwargs).config(workers)
     metas = [piece_meta(Piece("e", 4, 80, 0), (20, 4), "float32", 0, sparse=True)]
-    meta = {"config": config, "params": metas, "optimizer": {"name": "SGD", "groups": [{"lr": 1}]}}
+    meta = {
+        "config": config,
+        "params": metas,
+        "optimizer": {"names": ["SGD"], "groups": [{"lr": 1}]},
+    }
     for w in range(workers):
         tensors = {"e[4:80]": torch.zeros(76)} if w == 0 else {}
         msg = Message("register", worker=w, meta=meta, tensors=tensors)
@@ -937,6 +950,19 @@ def _loopback_ps(model, opt, strategy: ParameterServer, chan: FakeChannel):
     return ps, server
 
 
+def _reply_keys(chan: FakeChannel) -> list[list[str]]:
+    """The tensor keys of each reply ``chan`` sends from now on, in order."""
+    replies: list[list[str]] = []
+    original = chan.reply_many
+
+    def record(peers, msg, track=False, before_part=None):
+        replies.append(list(msg.tensors))
+        return original(peers, msg, track, before_part)
+
+    chan.reply_many = record
+    return replies
+
+
 def _table_model() -> torch.nn.Module:
     torch.manual_seed(0)
     table = torch.nn.Embedding(40, 3, sparse=True)  # a pack of its own, before the head's
@@ -981,14 +1007,7 @@ def test_a_round_replies_with_the_touched_rows_when_only_they_change(kind, mode)
     server.norms = None  # (one server: the clip needs no store)
     reference = _table_model()
     ref_opt = optimizer(reference)
-    replies = []
-    original = chan.reply_many
-
-    def record(peers, msg, track=False, before_part=None):
-        replies.append(list(msg.tensors))
-        return original(peers, msg, track, before_part)
-
-    chan.reply_many = record
+    replies = _reply_keys(chan)
     for step in range(4):
         for m, o in ((model, ps), (reference, ref_opt)):
             o.zero_grad()
@@ -1064,4 +1083,93 @@ def test_a_delta_push_under_sparse_adam_carries_the_touched_rows():
         assert pushed[-1]["pack0@rows"].tolist() == rows
         assert pushed[-1]["pack0"].numel() == 3 * len(rows)
         assert replied[-1].tolist() == rows  # (one worker: only its own rows changed)
+    assert server.stats()["rejected"] == {}
+
+
+def _two_optimizers(model: torch.nn.Module) -> MultiOptimizer:
+    """The usual recipe: SparseAdam for the table, Adam (two groups) for the head."""
+    head = [{"params": [model["head"].weight]}, {"params": [model["head"].bias], "lr": 0.05}]
+    return MultiOptimizer(
+        torch.optim.SparseAdam(model["table"].parameters(), lr=0.1),
+        torch.optim.Adam(head, lr=0.02, weight_decay=0.01),
+    )
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "delta"])
+def test_two_optimizers_step_on_the_server_as_in_one_process(mode):
+    """``[SparseAdam(table), Adam(head)]`` (a MultiOptimizer): the server builds one of each
+    over its pieces (Adam fused; push="delta": both step on the worker), the table's pushes
+    and replies are its touched rows (SparseAdam moves only those), and the model equals one
+    process's, step by step. The state comes back in torch's format (SparseAdam's step an
+    int) and loads back."""
+    from concord.strategies.ps.client import _check_sparse_only, describe
+
+    chan = PartsChannel()
+    model = _table_model()
+    strategy = ParameterServer("async", push="delta") if mode == "delta" else ParameterServer(mode)
+    ps, server = _loopback_ps(model, _two_optimizers(model), strategy, chan)
+    built = server.shard.optimizer
+    if mode != "delta":
+        assert [type(o).__name__ for o in built.optimizers] == ["SparseAdam", "Adam"]
+        assert [g.get("fused") for g in built.param_groups] == [None, True, True]
+    reference = _table_model()
+    ref_opt = _two_optimizers(reference)
+    replies = _reply_keys(chan)
+
+    def train(model: torch.nn.Module, ps: Any, steps: range) -> None:
+        for step in steps:
+            for m, o in ((model, ps), (reference, ref_opt)):
+                o.zero_grad()
+                _table_loss(m, step).backward()
+                o.step()
+            for got, want in zip(model.parameters(), reference.parameters()):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    train(model, ps, range(3))
+    assert replies == [["pack0@rows", "pack0", "pack1"]] * 3
+    saved, want = ps.state_dict(), ref_opt.state_dict()
+    assert saved["param_groups"] == want["param_groups"]
+    assert saved["state"][0]["step"] == 3 and type(saved["state"][0]["step"]) is int
+    for index, state in want["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(saved["state"][index][key], value, rtol=1e-5, atol=1e-6)
+    assert server.stats()["rejected"] == {}
+    resumed = _table_model()  # a fresh job from the checkpoint (SparseAdam's count goes to
+    resumed.load_state_dict(reference.state_dict())  # the server as a tensor, comes back)
+    again, server = _loopback_ps(resumed, _two_optimizers(resumed), strategy, chan)
+    again.load_state_dict(saved)
+    train(resumed, again, range(3, 5))
+    assert again.state_dict()["state"][0]["step"] == 5
+    assert server.stats()["rejected"] == {}
+    misplaced = MultiOptimizer(torch.optim.SparseAdam(model.parameters()))
+    params, infos = describe(model, misplaced)
+    with pytest.raises(UsageError, match="SparseAdam takes only sparse gradients.*'head.weight'"):
+        _check_sparse_only(spec_from_optimizer(misplaced), params, infos, {id(params[0])})
+
+
+def test_push_delta_resumes_an_optimizer_the_servers_do_not_know():
+    """push="delta" keeps the optimizer on the worker, so any optimizer (here Adamax, not on
+    the servers' allow-list) loads a checkpoint and goes on as one process does."""
+
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        return model, torch.optim.Adamax(model.parameters(), lr=0.1)
+
+    def step(model: torch.nn.Module, opt: Any, k: int) -> None:
+        opt.zero_grad()
+        model(torch.full((2, 3), float(k))).pow(2).mean().backward()
+        opt.step()
+
+    reference, ref_opt = build()
+    step(reference, ref_opt, 1)
+    model, opt = build()
+    ps, server = _loopback_ps(model, opt, ParameterServer("async", push="delta"), PartsChannel())
+    model.load_state_dict(reference.state_dict())
+    ps.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # (torch would alias its tensors)
+    for k in (2, 3):
+        step(model, ps, k)
+        step(reference, ref_opt, k)
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert server.stats()["rejected"] == {}

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from concord.algorithms.ps_plan import OPTIMIZERS, ParamInfo, Piece, plan_shards
 from concord.algorithms.ps_state import (
+    COUNT,
     check_state,
     decode_state,
     encode_state,
@@ -61,13 +62,14 @@ class SplitNet(BranchNet):
         ("AdamW", {}, {"step": 0, "exp_avg": 1, "exp_avg_sq": 1}),
         ("RMSprop", {"centered": True}, {"step": 0, "square_avg": 1, "grad_avg": 1}),
         ("Adagrad", {}, {"step": 0, "sum": 1}),
+        ("SparseAdam", {}, {"step": COUNT, "exp_avg": 1, "exp_avg_sq": 1}),  # an int step
     ],
 )
 def test_state_layout_is_what_torch_keeps(name, settings, layout):
     assert state_layout(name, settings) == layout
     param = torch.zeros(5, requires_grad=True)
     opt = OPTIMIZERS[name]([param], **settings)
-    param.grad = torch.ones(5)
+    param.grad = torch.ones(5).to_sparse() if name == "SparseAdam" else torch.ones(5)
     opt.step()
     check_state("p", opt.state[param], layout, 5)  # torch's own state passes the check
 
@@ -134,7 +136,7 @@ def test_shard_imports_checked_state_and_exports_it():
     metas = [piece_meta(Piece("w", 0, 3, 0), (3,), "float32", 0)]
     shard = Shard(0)
     shard.register_first(
-        config, metas, {"name": "Adam", "groups": [{"lr": 0.1}]}, {"w[0:3]": torch.ones(3)}
+        config, metas, {"names": ["Adam"], "groups": [{"lr": 0.1}]}, {"w[0:3]": torch.ones(3)}
     )
     assert shard.export_state() == {}
     state = {"step": torch.tensor(4.0), "exp_avg": torch.ones(3), "exp_avg_sq": torch.ones(3)}

@@ -13,10 +13,12 @@
   :class:`~concord.algorithms.buckets.Bucket`). A piece of a sparse-gradient table travels in
   a pack of its own, so a push can carry its touched rows alone. Workers and servers derive
   the same packs from the same pieces.
-- :class:`OptimizerSpec` describes a torch optimizer declaratively (class name from an
-  allow-list plus JSON hyperparameters per param group), so servers rebuild it without
+- :class:`OptimizerSpec` describes a torch optimizer declaratively (per param group: a class
+  name from an allow-list plus JSON hyperparameters), so servers rebuild it without
   unpickling anything. Only element-wise optimizers are allowed, which is why a tensor split
-  across servers updates exactly as it would whole.
+  across servers updates exactly as it would whole; a :class:`MultiOptimizer`'s groups name
+  their own optimizers' classes, and a server builds one torch optimizer per class over its
+  groups of that class.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any
 
 import torch
 
+from concord.algorithms.multi_optimizer import MultiOptimizer, group_owners
+
 DEFAULT_SPLIT_BYTES = 1 << 20
 #: the largest piece (= concord.comm.parts.PART_BYTES, so a piece fits in one wire part and a
 #: shard's push streams as several parts that are authenticated while others are in flight)
@@ -42,7 +46,10 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "AdamW": torch.optim.AdamW,
     "RMSprop": torch.optim.RMSprop,
     "Adagrad": torch.optim.Adagrad,
+    "SparseAdam": torch.optim.SparseAdam,
 }
+#: optimizers that take sparse gradients only (a sparse table's rows)
+SPARSE_ONLY = frozenset({"SparseAdam"})
 _IMPLEMENTATION_KEYS = {"self", "params", "foreach", "fused", "capturable", "differentiable"}
 #: optimizers with a fused CPU kernel (one pass per step, the same arithmetic to float
 #: rounding); torch's default on the CPU is a loop of tensor ops, 2-20x slower per step here
@@ -194,23 +201,27 @@ def _cut(params: Sequence[ParamInfo], starts: list[int], target: float, split_at
 # -- optimizer spec -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """An optimizer class name from :data:`OPTIMIZERS` and each param group's settings."""
+    """Each param group's optimizer class name (from :data:`OPTIMIZERS`) and settings."""
 
-    name: str
+    names: tuple[str, ...]
     groups: tuple[dict[str, Any], ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "groups": [dict(g) for g in self.groups]}
+        return {"names": list(self.names), "groups": [dict(g) for g in self.groups]}
 
     @classmethod
     def from_json(cls, data: Any) -> OptimizerSpec:
-        """Validate an untrusted description (allow-listed class, keys and value types)."""
-        if not isinstance(data, dict) or not isinstance(data.get("groups"), list):
-            raise ValueError(f"bad optimizer spec {data!r}")
-        name = data.get("name")
-        allowed = _allowed_keys(name)
+        """Validate an untrusted description (allow-listed classes, keys and value types)."""
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("groups"), list)
+            or not isinstance(data.get("names"), list)
+            or len(data["names"]) != len(data["groups"])
+        ):
+            raise ValueError(f"bad optimizer spec {str(data)[:200]}")
         groups = []
-        for i, group in enumerate(data["groups"]):
+        for i, (name, group) in enumerate(zip(data["names"], data["groups"])):
+            allowed = _allowed_keys(name)
             if not isinstance(group, dict):
                 raise ValueError(f"optimizer param group {i} is not a map: {group!r}")
             for key, value in group.items():
@@ -218,45 +229,66 @@ class OptimizerSpec:
                     raise ValueError(f"{name} has no setting {key!r}; allowed: {sorted(allowed)}")
                 _check_value(key, value)
             groups.append(dict(group))
-        return cls(name, tuple(groups))
+        return cls(tuple(data["names"]), tuple(groups))
 
     def build(
         self, params_by_group: Sequence[Sequence[torch.Tensor]], fused: Collection[int] = ()
-    ) -> torch.optim.Optimizer:
-        """A fresh optimizer over ``params_by_group[i]`` with group ``i``'s settings; the
-        groups ``fused`` step with torch's fused kernel where the optimizer has one (see
-        :data:`FUSED`; it takes no sparse gradients).
+    ) -> BuiltOptimizer:
+        """Fresh optimizers over ``params_by_group[i]`` with group ``i``'s class and settings:
+        one per class (a :class:`MultiOptimizer` of them when there are several); the groups
+        ``fused`` step with torch's fused kernel where the class has one (see :data:`FUSED`;
+        it takes no sparse gradients).
 
         Groups with no tensors here are left out (a shard may hold none of a group).
         """
         if len(params_by_group) != len(self.groups):
             raise ValueError(f"{len(params_by_group)} groups given, spec has {len(self.groups)}")
-        kernel = self.name in FUSED
-        groups = [
-            {"params": list(ps), **plain_settings(hp)} | ({"fused": i in fused} if kernel else {})
-            for i, (ps, hp) in enumerate(zip(params_by_group, self.groups))
-            if len(ps)
-        ]
-        if not groups:
+        by_class: dict[str, list[int]] = {}
+        for i, ps in enumerate(params_by_group):
+            if len(ps):
+                by_class.setdefault(self.names[i], []).append(i)
+        if not by_class:
             raise ValueError("no parameters to optimize on this shard")
-        return OPTIMIZERS[self.name](groups)
+        optimizers, groups = [], {}
+        for name, indices in by_class.items():
+            kernel = name in FUSED
+            optimizer = OPTIMIZERS[name](
+                [
+                    {"params": list(params_by_group[i]), **plain_settings(self.groups[i])}
+                    | ({"fused": i in fused} if kernel else {})
+                    for i in indices
+                ]
+            )
+            optimizers.append(optimizer)
+            groups.update(zip(indices, optimizer.param_groups))
+        whole = optimizers[0] if len(optimizers) == 1 else MultiOptimizer(*optimizers)
+        return BuiltOptimizer(whole, groups)
+
+
+@dataclass(frozen=True)
+class BuiltOptimizer:
+    """What :meth:`OptimizerSpec.build` makes: the optimizer to step, and each group index
+    of the spec that has tensors here -> its param group dict in that optimizer."""
+
+    optimizer: torch.optim.Optimizer
+    groups: dict[int, dict[str, Any]]
 
 
 def spec_from_optimizer(optimizer: torch.optim.Optimizer) -> OptimizerSpec:
-    """Describe ``optimizer`` (its exact class must be in :data:`OPTIMIZERS`)."""
-    name = type(optimizer).__name__
-    if OPTIMIZERS.get(name) is not type(optimizer):
-        raise TypeError(
-            f"a parameter server runs the optimizer on the servers, so it must be one of "
-            f"torch.optim.{', torch.optim.'.join(OPTIMIZERS)}; got {type(optimizer).__qualname__}. "
-            "Use one of those, push='delta' (your optimizer then steps on the workers), or "
-            "the AllReduce strategy"
-        )
-    allowed = _allowed_keys(name)
-    groups = []
-    for group in optimizer.param_groups:
+    """Describe ``optimizer`` (its exact class, or each of a MultiOptimizer's, must be in
+    :data:`OPTIMIZERS`)."""
+    names, groups = [], []
+    for owner, group in zip(group_owners(optimizer), optimizer.param_groups):
+        name = type(owner).__name__
+        if OPTIMIZERS.get(name) is not type(owner):
+            raise TypeError(
+                f"a parameter server runs the optimizer on the servers, so it must be one of "
+                f"torch.optim.{', torch.optim.'.join(OPTIMIZERS)}; got "
+                f"{type(owner).__qualname__}. Use one of those, push='delta' (your optimizer "
+                "then steps on the workers), or the AllReduce strategy"
+            )
         settings = {}
-        for key in sorted(allowed & set(group)):
+        for key in sorted(_allowed_keys(name) & set(group)):
             value = group[key]
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 value = value.item()
@@ -264,8 +296,14 @@ def spec_from_optimizer(optimizer: torch.optim.Optimizer) -> OptimizerSpec:
                 value = list(value)
             _check_value(key, value)
             settings[key] = value
+        names.append(name)
         groups.append(settings)
-    return OptimizerSpec(name, tuple(groups))
+    return OptimizerSpec(tuple(names), tuple(groups))
+
+
+def group_names(optimizer: torch.optim.Optimizer) -> list[str]:
+    """The class name of the optimizer that steps each of ``optimizer``'s param groups."""
+    return [type(owner).__name__ for owner in group_owners(optimizer)]
 
 
 def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:

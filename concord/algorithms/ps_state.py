@@ -19,21 +19,38 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from concord.algorithms.ps_plan import (
     OPTIMIZERS,
+    SPARSE_ONLY,
     ParamInfo,
     Piece,
+    group_names,
     hyperparameters,
     plain_settings,
 )
 
-#: state name -> 0 (one value per parameter, e.g. ``step``) or 1 (one per element)
+#: state name -> 0 (one value per parameter, e.g. ``step``), 1 (one per element) or
+#: :data:`COUNT` (a Python int per parameter: SparseAdam's ``step``)
 StateLayout = dict[str, int]
-PieceStates = dict[int, dict[str, torch.Tensor]]  # piece index -> its state
+COUNT = 2
+PieceStates = dict[int, dict[str, Any]]  # piece index -> its state
+
+
+@dataclass(frozen=True)
+class ParamSettings:
+    """A parameter's optimizer class name and allow-listed group settings: what its state
+    layout and fresh state depend on."""
+
+    name: str
+    settings: dict[str, Any]
+
+    def layout(self) -> StateLayout:
+        return state_layout(self.name, self.settings)
 
 
 def state_layout(name: str, settings: Mapping[str, Any]) -> StateLayout:
@@ -41,21 +58,44 @@ def state_layout(name: str, settings: Mapping[str, Any]) -> StateLayout:
     return dict(_layout(name, json.dumps(dict(settings), sort_keys=True)))
 
 
-def settings_by_param(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
-    """Each parameter's (by ``id``) allow-listed group settings: what its state layout and
-    fresh state depend on."""
-    groups = zip(optimizer.param_groups, hyperparameters(optimizer))
-    return {id(p): hp for group, hp in groups for p in group["params"]}
+def settings_by_param(optimizer: torch.optim.Optimizer) -> dict[int, ParamSettings]:
+    """Each parameter's (by ``id``) :class:`ParamSettings`."""
+    groups = zip(optimizer.param_groups, group_names(optimizer), hyperparameters(optimizer))
+    return {id(p): ParamSettings(name, hp) for group, name, hp in groups for p in group["params"]}
 
 
 @functools.lru_cache(maxsize=64)
 def _layout(name: str, settings: str) -> tuple[tuple[str, int], ...]:
     probe = torch.zeros(1, requires_grad=True)
     optimizer = OPTIMIZERS[name]([probe], **plain_settings(json.loads(settings)))
-    probe.grad = torch.zeros(1)
+    grad = torch.zeros(1)
+    probe.grad = grad.to_sparse() if name in SPARSE_ONLY else grad
     optimizer.step()
-    state = optimizer.state[probe]
-    return tuple(sorted((k, min(v.dim(), 1)) for k, v in state.items() if torch.is_tensor(v)))
+    return tuple(sorted((k, _kind(v)) for k, v in optimizer.state[probe].items()))
+
+
+def _kind(value: Any) -> int:
+    if torch.is_tensor(value):
+        return min(value.dim(), 1)
+    if type(value) is int:
+        return COUNT
+    raise TypeError(f"optimizer state of type {type(value).__name__} is not supported")
+
+
+def stored(value: Any, kind: int, dtype: torch.dtype) -> Any:
+    """A checked state value as an optimizer keeps it: a 1-D ``dtype`` copy (per element), a
+    0-d float32 copy (per parameter) or a Python int (:data:`COUNT`; on the wire a 0-d
+    tensor)."""
+    if kind == COUNT:
+        return int(value)
+    if kind:
+        return value.to(dtype).reshape(-1).clone()
+    return value.to(torch.float32).reshape(()).clone()
+
+
+def wire_value(value: Any) -> torch.Tensor:
+    """A state value as a message carries it (a :data:`COUNT` as a 0-d int64 tensor)."""
+    return value if torch.is_tensor(value) else torch.tensor(value, dtype=torch.int64)
 
 
 def fresh_state(name: str, settings: Mapping[str, Any], like: torch.Tensor) -> dict:
@@ -68,7 +108,8 @@ def fresh_state(name: str, settings: Mapping[str, Any], like: torch.Tensor) -> d
 
 def check_state(where: str, state: Mapping[str, Any], layout: StateLayout, numel: int) -> None:
     """Raise ValueError unless ``state`` (one parameter's or piece's) is empty (never stepped)
-    or has exactly the names of ``layout``, each a floating-point tensor of the right size."""
+    or has exactly the names of ``layout``, each a floating-point tensor of the right size (a
+    :data:`COUNT`: a non-negative int, or a 0-d integer tensor as the wire carries it)."""
     if not state:
         return
     if set(state) != set(layout):
@@ -77,6 +118,11 @@ def check_state(where: str, state: Mapping[str, Any], layout: StateLayout, numel
             f"{sorted(layout)} (a checkpoint of another optimizer or other settings?)"
         )
     for key, value in state.items():
+        if layout[key] == COUNT:
+            count = value.item() if torch.is_tensor(value) and value.dim() == 0 else value
+            if type(count) is not int or count < 0:
+                raise ValueError(f"{where}: optimizer state {key!r} must be a count (an int)")
+            continue
         if not torch.is_tensor(value) or not value.is_floating_point():
             raise ValueError(f"{where}: optimizer state {key!r} must be a floating-point tensor")
         want = numel if layout[key] else 1
@@ -86,13 +132,13 @@ def check_state(where: str, state: Mapping[str, Any], layout: StateLayout, numel
             )
 
 
-def piece_state(
-    state: Mapping[str, torch.Tensor], layout: StateLayout, piece: Piece
-) -> dict[str, torch.Tensor]:
+def piece_state(state: Mapping[str, Any], layout: StateLayout, piece: Piece) -> dict[str, Any]:
     """``piece``'s share of a (checked) parameter state: per-element values sliced flat, 0-d
-    values as they are; copies."""
+    values and counts as they are; copies."""
     return {
-        key: value.reshape(-1)[piece.start : piece.stop].clone()
+        key: value
+        if layout[key] == COUNT
+        else value.reshape(-1)[piece.start : piece.stop].clone()
         if layout[key]
         else value.detach().reshape(()).clone()
         for key, value in state.items()
@@ -100,10 +146,13 @@ def piece_state(
 
 
 def merge_pieces(
-    info: ParamInfo, parts: Sequence[tuple[Piece, Mapping[str, torch.Tensor]]]
-) -> dict[str, torch.Tensor]:
+    info: ParamInfo,
+    parts: Sequence[tuple[Piece, Mapping[str, torch.Tensor]]],
+    layout: StateLayout | None = None,
+) -> dict[str, Any]:
     """A whole parameter's state from its pieces' states (as servers send them: 1-D per-element
-    tensors, 0-d per-parameter ones). Raises ValueError if the pieces disagree."""
+    tensors, 0-d per-parameter ones), with the :data:`COUNT` s of ``layout`` back to ints.
+    Raises ValueError if the pieces disagree."""
     parts = sorted(parts, key=lambda part: part[0].start)
     covered = [(pc.start, pc.stop) for pc, _ in parts]
     if (
@@ -122,7 +171,8 @@ def merge_pieces(
         if values[0].dim() == 0:
             if any(not torch.equal(v, values[0]) for v in values[1:]):
                 raise ValueError(f"{info.name}: its pieces disagree on {key!r}")
-            out[key] = values[0].clone()
+            count = layout is not None and layout.get(key) == COUNT
+            out[key] = int(values[0].item()) if count else values[0].clone()
             continue
         if [v.numel() for v in values] != [pc.numel for pc, _ in parts]:
             raise ValueError(f"{info.name}: state {key!r} does not match its pieces' sizes")
@@ -136,7 +186,7 @@ def encode_state(states: PieceStates) -> tuple[list[list[Any]], dict[str, torch.
     for index in sorted(states):
         for key, value in states[index].items():
             entries.append([index, key])
-            tensors[f"state{len(tensors)}"] = value
+            tensors[f"state{len(tensors)}"] = wire_value(value)
     return entries, tensors
 
 

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from concord.algorithms import schedules as sched
+from concord.algorithms.multi_optimizer import MultiOptimizer
 from concord.algorithms.partition import Split, balanced_split, explicit_split
 from concord.algorithms.ps_rules import clip_coefficient
 from concord.errors import PeerTimeoutError, UsageError
@@ -245,13 +246,16 @@ def restrict_optimizer(
     """A new optimizer of the same class and hyperparameters over only ``keep``.
 
     Param groups keep their order and settings (a group may end up empty); existing state
-    (momentum buffers) of the kept parameters carries over.
+    (momentum buffers) of the kept parameters carries over. A MultiOptimizer gives a
+    MultiOptimizer of its optimizers restricted.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}; build it on "
             "the whole model's parameters, then distribute both"
         )
+    if isinstance(optimizer, MultiOptimizer):
+        return MultiOptimizer(*(restrict_optimizer(opt, keep) for opt in optimizer.optimizers))
     ids = {id(p) for p in keep}
     groups = [
         {

@@ -39,9 +39,12 @@ import torch
 from torch import nn
 
 from concord.algorithms.ps_plan import (
+    SPARSE_ONLY,
+    OptimizerSpec,
     Pack,
     ParamInfo,
     Piece,
+    group_names,
     hyperparameters,
     pack_pieces,
     plan_shards,
@@ -55,7 +58,6 @@ from concord.algorithms.ps_state import (
     merge_pieces,
     piece_state,
     settings_by_param,
-    state_layout,
 )
 from concord.algorithms.row_grads import (
     ROWS_SUFFIX,
@@ -120,8 +122,12 @@ def connect(
     broadcast_state(model)  # buffers and parameters outside the optimizer start equal
     keep_freed_memory()  # reuse message buffers instead of page-faulting fresh ones
     params, infos = describe(model, optimizer)
-    spec = spec_from_optimizer(optimizer).to_json() if strategy.push == "grad" else None
     sparse = sparse_grad_params(model)
+    spec = None
+    if strategy.push == "grad":
+        spec = spec_from_optimizer(optimizer)
+        _check_sparse_only(spec, params, infos, sparse)
+        spec = spec.to_json()
     tables = _row_tables(optimizer, params, infos, sparse)
     plan = plan_shards(infos, servers, whole=tables)
     codec = Codec(ctx.secret)
@@ -267,7 +273,11 @@ class PSOptimizer(DistributedOptimizer):
                 states = decode_state(reply.meta.get("state"), reply.tensors, len(self._slots[s]))
                 for i, (piece, _, _) in enumerate(self._slots[s]):
                     parts.setdefault(piece.name, []).append((piece, states.get(i, {})))
-            merged = {i: merge_pieces(info, parts[info.name]) for i, info in enumerate(self._infos)}
+            settings = settings_by_param(self.optimizer)
+            merged = {
+                i: merge_pieces(info, parts[info.name], settings[id(param)].layout())
+                for i, (param, info) in enumerate(zip(self._params, self._infos))
+            }
         except ValueError as exc:
             raise ProtocolError(f"bad optimizer state from the servers: {exc}") from None
         return {
@@ -297,7 +307,8 @@ class PSOptimizer(DistributedOptimizer):
             if self.rank != 0:
                 return Message("load_state", worker=self.rank)
             entries, tensors = encode_state(shards[s])
-            meta = {"state": entries, "hp": hyperparameters(self.optimizer)}
+            grad = self.strategy.push == "grad"  # (delta: any optimizer, kept here)
+            meta = {"state": entries, "hp": hyperparameters(self.optimizer) if grad else None}
             return Message(
                 "load_state", worker=0, meta=meta, tensors={**self._param_packs(s), **tensors}
             )
@@ -308,9 +319,7 @@ class PSOptimizer(DistributedOptimizer):
 
     def _split_state(self) -> list[PieceStates]:
         """The local optimizer's (just loaded) state, checked and cut into each server's."""
-        name = type(self.optimizer).__name__
-        settings = settings_by_param(self.optimizer).items()
-        layouts = {key: state_layout(name, hp) for key, hp in settings}
+        layouts = {key: hp.layout() for key, hp in settings_by_param(self.optimizer).items()}
         for param, info in zip(self._params, self._infos):
             state = self.optimizer.state.get(param, {})
             check_state(f"parameter {info.name!r}", state, layouts[id(param)], info.numel)
@@ -442,9 +451,10 @@ class PSOptimizer(DistributedOptimizer):
         if not self._table_piece(members):
             return None
         pc, param = members[0]
-        group = self.optimizer.param_groups[self._groups[id(param)]]
+        index = self._groups[id(param)]
+        group, name = self.optimizer.param_groups[index], group_names(self.optimizer)[index]
         touched = self._touched.get(id(param), [])
-        if touched is None or not untouched_rows_stay(type(self.optimizer).__name__, group):
+        if touched is None or not untouched_rows_stay(name, group):
             return None
         first, end = row_range(pc.start, pc.stop, row_width(param.shape))
         rows = torch.unique(torch.cat(touched)) if touched else torch.zeros(0, dtype=torch.long)
@@ -558,13 +568,29 @@ def _row_tables(
     servers' or with push="delta" the local one, leaves untouched rows alone): left whole on
     each server, since every piece costs its own rows, frames and optimizer call per push,
     and the table itself travels only at registration, pulls and checkpoints."""
-    name = type(optimizer).__name__
-    groups = [optimizer.param_groups[info.group] for info in infos]
+    names = group_names(optimizer)
     return frozenset(
         info.name
-        for param, info, group in zip(params, infos, groups)
-        if id(param) in sparse and untouched_rows_stay(name, group)
+        for param, info in zip(params, infos)
+        if id(param) in sparse
+        and untouched_rows_stay(names[info.group], optimizer.param_groups[info.group])
     )
+
+
+def _check_sparse_only(
+    spec: OptimizerSpec, params: list[nn.Parameter], infos: list[ParamInfo], sparse: set[int]
+) -> None:
+    """Raise a UsageError if an optimizer that takes only sparse gradients (SparseAdam) holds
+    a parameter whose gradient is dense (the servers would refuse it)."""
+    for param, info in zip(params, infos):
+        name = spec.names[info.group]
+        if name in SPARSE_ONLY and id(param) not in sparse:
+            raise UsageError(
+                f"{name} takes only sparse gradients, but parameter {info.name!r} gets dense "
+                "ones (only nn.Embedding/EmbeddingBag(..., sparse=True) give sparse ones); "
+                "step the other parameters with a second optimizer: concord.distribute(model, "
+                "[SparseAdam(table_params), Adam(other_params)], strategy)"
+            )
 
 
 def _packs(

@@ -22,13 +22,20 @@ from typing import Any
 
 import torch
 
-from concord.algorithms.ps_plan import OptimizerSpec, Pack, Piece, pack_pieces, plain_settings
+from concord.algorithms.ps_plan import (
+    SPARSE_ONLY,
+    OptimizerSpec,
+    Pack,
+    Piece,
+    pack_pieces,
+    plain_settings,
+)
 from concord.algorithms.ps_state import (
     PieceStates,
     check_state,
     fresh_state,
     settings_by_param,
-    state_layout,
+    stored,
 )
 from concord.algorithms.row_grads import (
     ROWS_SUFFIX,
@@ -94,7 +101,8 @@ class Shard:
         self._scratch: dict[str, torch.Tensor] = {}  # pack key -> a gradient densified (async)
         self.changed: dict[str, torch.Tensor] = {}  # async: sparse pack -> version, per row
         self.optimizer: torch.optim.Optimizer | None = None
-        self._groups: dict[int, dict[str, Any]] = {}
+        self._groups: dict[int, dict[str, Any]] = {}  # spec's group index -> the built group
+        self._names: tuple[str, ...] = ()  # each group's optimizer class
         self.version = 0
 
     @property
@@ -136,23 +144,24 @@ class Shard:
             for meta, key in zip(metas, keys):
                 if meta["group"] >= len(by_group):
                     raise WireError("header", f"{meta['name']}: no param group {meta['group']}")
+                name = opt_spec.names[meta["group"]]
+                if name in SPARSE_ONLY and not meta["sparse"]:
+                    raise WireError(
+                        "optimizer", f"{meta['name']}: {name} steps only sparse-gradient tables"
+                    )
                 by_group[meta["group"]].append(values[key])
             # torch's fused kernels take no sparse gradients; half precision keeps torch's
             # default arithmetic (one process's, to float32 rounding)
             plain = {m["group"] for m in metas if m["sparse"] or m["dtype"] not in _FUSED_DTYPES}
-            self.optimizer = opt_spec.build(by_group, set(range(len(by_group))) - plain)
-            self._map_groups(by_group)
+            built = opt_spec.build(by_group, set(range(len(by_group))) - plain)
+            self.optimizer, self._groups = built.optimizer, built.groups
+            self._names = opt_spec.names
         self.config, self.metas, self.values = dict(config), metas, values
         if config.get("mode") == "async":
             for key, (width, start, numel) in self.row_packs.items():
                 if width:
                     first, end = row_range(start, start + numel, width)
                     self.changed[key] = torch.zeros(end - first, dtype=torch.int64)
-
-    def _map_groups(self, by_group: list[list[torch.Tensor]]) -> None:
-        assert self.optimizer is not None
-        built = iter(self.optimizer.param_groups)
-        self._groups = {i: next(built) for i, ps in enumerate(by_group) if ps}
 
     def check_worker(self, worker: int, config: Any, metas: Any) -> None:
         """Raise a WireError naming the first difference from worker 0's registration."""
@@ -332,10 +341,9 @@ class Shard:
         """Follow a worker's changed optimizer settings (e.g. an LR schedule)."""
         if self.optimizer is None or settings is None:
             return
-        spec = _spec({"name": type(self.optimizer).__name__, "groups": settings})
+        spec = _spec({"names": list(self._names), "groups": settings})
         for index, group in self._groups.items():
-            if index < len(spec.groups):
-                group.update(plain_settings(spec.groups[index]))
+            group.update(plain_settings(spec.groups[index]))
 
     def export_state(self) -> PieceStates:
         """Each piece's optimizer state (copies) by its index in registration order."""
@@ -344,9 +352,8 @@ class Shard:
         out = {}
         for i, meta in enumerate(self.metas):
             state = self.optimizer.state.get(self.values[_key(meta)], {})
-            tensors = {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
-            if tensors:
-                out[i] = tensors
+            if state:  # (a tensor, or SparseAdam's int step count)
+                out[i] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
         return out
 
     def import_state(self, states: PieceStates) -> None:
@@ -356,27 +363,21 @@ class Shard:
             if states:
                 raise WireError("request", "push='delta' keeps the optimizer state on the workers")
             return
-        name = type(self.optimizer).__name__
         settings = settings_by_param(self.optimizer)
         new = {}
         for i, meta in enumerate(self.metas):
             value = self.values[_key(meta)]
             hp = settings[id(value)]
             state = states.get(i, {})
-            layout = state_layout(name, hp)
+            layout = hp.layout()
             try:
                 check_state(f"server {self.rank} piece {_key(meta)}", state, layout, value.numel())
             except ValueError as exc:
                 raise WireError("shape", str(exc)) from None
             if not state:
-                new[value] = fresh_state(name, hp, value)
+                new[value] = fresh_state(hp.name, hp.settings, value)
                 continue
-            new[value] = {
-                k: v.to(value.dtype).reshape(-1).clone()
-                if layout[k]
-                else v.to(torch.float32).reshape(()).clone()
-                for k, v in state.items()
-            }
+            new[value] = {k: stored(v, layout[k], value.dtype) for k, v in state.items()}
         self.optimizer.state.clear()
         self.optimizer.state.update(new)
 
@@ -444,8 +445,9 @@ class Shard:
         only the rows a round's gradients touched change."""
         if key not in self.row_packs or self.optimizer is None:
             return False
-        group = self._groups.get(self._row_groups[key])
-        return group is not None and untouched_rows_stay(type(self.optimizer).__name__, group)
+        index = self._row_groups[key]
+        group = self._groups.get(index)
+        return group is not None and untouched_rows_stay(self._names[index], group)
 
     def round_reply(
         self, rows: Mapping[str, torch.Tensor]
