@@ -18,6 +18,9 @@ worker, median over the repeats.
 against DDP and no-comm in the same worker processes; ``--ps-mode async`` runs async PS
 instead (each reply carries the rows changed since the worker's previous one), ``async-delta``
 async PS with push="delta" (each worker steps its own SGD and pushes the rows' change).
+``--optimizer sparse-adam`` trains every system with the usual recipe instead of SGD:
+``SparseAdam`` on the table and ``Adam`` on the head, passed to ``distribute`` as a list (on
+PS the servers run both; the table's pushes and replies are its touched rows).
 """
 
 from __future__ import annotations
@@ -39,7 +42,18 @@ from ps_harness import run_ps_job  # noqa: E402
 DIM, IDS, BATCH, CLASSES = 64, 20, 64, 10
 
 
-def _system(name: str, vocab: int, mode: str = "sync"):
+def _optimizer(model, kind: str):  # noqa: ANN001
+    import torch
+
+    import concord
+
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.5)
+    table = torch.optim.SparseAdam(list(model[0].parameters()), lr=1e-2)
+    return concord.MultiOptimizer(table, torch.optim.Adam(model[1].parameters(), lr=1e-2))
+
+
+def _system(name: str, vocab: int, mode: str = "sync", optimizer: str = "sgd"):
     import torch
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
@@ -50,7 +64,7 @@ def _system(name: str, vocab: int, mode: str = "sync"):
     model = nn.Sequential(
         nn.EmbeddingBag(vocab, DIM, mode="mean", sparse=True), nn.Linear(DIM, CLASSES)
     )
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt = _optimizer(model, optimizer)
     if name == "ddp":
         return DistributedDataParallel(model), opt
     if name == "local":
@@ -71,7 +85,7 @@ def _data(vocab: int, rank: int):
     return x, torch.randint(0, CLASSES, (BATCH * 50,), generator=gen)
 
 
-def _bench(vocabs: list[int], steps: int, repeats: int) -> dict:
+def _bench(vocabs: list[int], steps: int, repeats: int, optimizer: str) -> dict:
 
     import concord
 
@@ -80,20 +94,20 @@ def _bench(vocabs: list[int], steps: int, repeats: int) -> dict:
     for vocab in vocabs:
         x, y = _data(vocab, ctx.rank)
         names = ("ddp", "concord", "concord-torch", "local")
-        systems = {name: _system(name, vocab) for name in names}
+        systems = {name: _system(name, vocab, optimizer=optimizer) for name in names}
         out[vocab] = samples_per_s(systems, x, y, BATCH, steps, repeats)
         systems["concord"][0].close()
         systems["concord-torch"][0].close()
     return out
 
 
-def _bench_ps(vocab: int, steps: int, repeats: int, mode: str) -> dict:
+def _bench_ps(vocab: int, steps: int, repeats: int, mode: str, optimizer: str) -> dict:
     """One job's servers serve one model: PS (``mode``) against DDP and no-comm."""
     import concord
 
     ctx = concord.init(timeout=300)
     x, y = _data(vocab, ctx.rank)
-    systems = {name: _system(name, vocab, mode) for name in ("ddp", "ps", "local")}
+    systems = {name: _system(name, vocab, mode, optimizer) for name in ("ddp", "ps", "local")}
     ps = systems["ps"][1]
     before = ps.server_stats()  # (after registration)
     out = samples_per_s(systems, x, y, BATCH, steps, repeats)
@@ -109,12 +123,18 @@ def _bench_ps(vocab: int, steps: int, repeats: int, mode: str) -> dict:
 
 
 def _parameter_servers(
-    worlds: list[int], vocabs: list[int], servers: int, steps: int, repeats: int, mode: str
+    worlds: list[int],
+    vocabs: list[int],
+    servers: int,
+    steps: int,
+    repeats: int,
+    mode: str,
+    optimizer: str,
 ) -> None:
     rows = []
     for world in worlds:
         for vocab in vocabs:
-            args = (vocab, steps, repeats, mode)
+            args = (vocab, steps, repeats, mode, optimizer)
             r = run_ps_job(_bench_ps, world, servers, args, timeout=900, server_timeout=300)
             r = r.results[0]
             rows.append(
@@ -122,6 +142,7 @@ def _parameter_servers(
                     "world": world,
                     "servers": servers,
                     "mode": mode,
+                    "optimizer": optimizer,
                     "vocab": vocab,
                     "ddp_sps": r["ddp"],
                     "ps_sps": r["ps"],
@@ -143,8 +164,9 @@ def _parameter_servers(
         )
     print(json.dumps({"benchmark": "sparse_embedding_ps", "repeats": repeats, "rows": rows}))
     grouped_bars(
-        "sparse_embedding_ps" if mode == "sync" else f"sparse_embedding_ps_{mode}",
-        f"sparse embedding gradients: samples/s, {mode} PS (S={servers}) vs DDP",
+        ("sparse_embedding_ps" if mode == "sync" else f"sparse_embedding_ps_{mode}")
+        + ("" if optimizer == "sgd" else "_sparse_adam"),
+        f"sparse embedding gradients: samples/s, {mode} PS (S={servers}) vs DDP, {optimizer}",
         _groups(rows),
         {
             "DDP": [r["ddp_sps"] for r in rows],
@@ -164,21 +186,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ps", type=int, metavar="S", help="also PS with S servers")
     parser.add_argument("--ps-mode", choices=("sync", "async", "async-delta"), default="sync")
     parser.add_argument("--no-allreduce", action="store_true", help="only the --ps jobs")
+    parser.add_argument("--optimizer", choices=("sgd", "sparse-adam"), default="sgd")
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be >= 5 (medians of at least 5 repeats)")
     steps = 10 if args.quick else 30
     if not args.no_allreduce:
-        _allreduce(args.worlds, args.vocabs, steps, args.repeats)
+        _allreduce(args.worlds, args.vocabs, steps, args.repeats, args.optimizer)
     if args.ps:
-        _parameter_servers(args.worlds, args.vocabs, args.ps, steps, args.repeats, args.ps_mode)
+        _parameter_servers(
+            args.worlds, args.vocabs, args.ps, steps, args.repeats, args.ps_mode, args.optimizer
+        )
     return 0
 
 
-def _allreduce(worlds: list[int], vocabs: list[int], steps: int, repeats: int) -> None:
+def _allreduce(
+    worlds: list[int], vocabs: list[int], steps: int, repeats: int, optimizer: str
+) -> None:
     rows = []
     for world in worlds:
-        res = run_workers(_bench, world, (vocabs, steps, repeats), timeout=900)[0]
+        res = run_workers(_bench, world, (vocabs, steps, repeats, optimizer), timeout=900)[0]
         for vocab in vocabs:
             r = res[vocab]
             rows.append(
@@ -205,8 +232,8 @@ def _allreduce(worlds: list[int], vocabs: list[int], steps: int, repeats: int) -
         )
     print(json.dumps({"benchmark": "sparse_embedding", "repeats": repeats, "rows": rows}))
     grouped_bars(
-        "sparse_embedding",
-        "sparse embedding gradients: samples/s, concord AllReduce vs DDP",
+        "sparse_embedding" + ("" if optimizer == "sgd" else "_sparse_adam"),
+        f"sparse embedding gradients: samples/s, concord AllReduce vs DDP, {optimizer}",
         _groups(rows),
         {
             "DDP": [r["ddp_sps"] for r in rows],

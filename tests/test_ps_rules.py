@@ -289,6 +289,13 @@ def test_row_grad_adds_exactly_the_piece_s_elements_of_its_rows(rows_in, width, 
     torch.testing.assert_close(target, 1 + dense.reshape(-1)[start:stop], rtol=0, atol=1e-12)
     torch.testing.assert_close(grad.dense(target), dense.reshape(-1)[start:stop])
     assert torch.equal(grad.sparse().to_dense(), dense.reshape(-1)[start:stop])
+    if start % width == 0 and stop % width == 0:  # whole rows: one index per row
+        by_row = grad.sparse_rows()
+        assert by_row.shape == ((stop - start) // width, width) and by_row.is_coalesced()
+        assert torch.equal(by_row.to_dense().reshape(-1), dense.reshape(-1)[start:stop])
+    else:
+        with pytest.raises(ValueError, match="is not whole rows"):
+            grad.sparse_rows()
     # a reply's rows: the piece's elements of them, in order, and back
     held = [i - start for r in rows.tolist() for i in range(r * width, (r + 1) * width)]
     held = torch.tensor([i for i in held if 0 <= i < stop - start], dtype=torch.long)
@@ -1112,6 +1119,7 @@ def test_two_optimizers_step_on_the_server_as_in_one_process(mode):
     if mode != "delta":
         assert [type(o).__name__ for o in built.optimizers] == ["SparseAdam", "Adam"]
         assert [g.get("fused") for g in built.param_groups] == [None, True, True]
+        assert server.shard.values["table.weight[0:120]"].shape == (40, 3)  # steps by row
     reference = _table_model()
     ref_opt = _two_optimizers(reference)
     replies = _reply_keys(chan)

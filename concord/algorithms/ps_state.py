@@ -82,14 +82,14 @@ def _kind(value: Any) -> int:
     raise TypeError(f"optimizer state of type {type(value).__name__} is not supported")
 
 
-def stored(value: Any, kind: int, dtype: torch.dtype) -> Any:
-    """A checked state value as an optimizer keeps it: a 1-D ``dtype`` copy (per element), a
-    0-d float32 copy (per parameter) or a Python int (:data:`COUNT`; on the wire a 0-d
-    tensor)."""
+def stored(value: Any, kind: int, like: torch.Tensor) -> Any:
+    """A checked state value as an optimizer of the tensor ``like`` keeps it: a copy of its
+    dtype and shape (per element), a 0-d float32 copy (per parameter) or a Python int
+    (:data:`COUNT`; on the wire a 0-d tensor)."""
     if kind == COUNT:
         return int(value)
     if kind:
-        return value.to(dtype).reshape(-1).clone()
+        return value.to(like.dtype).reshape(like.shape).clone()
     return value.to(torch.float32).reshape(()).clone()
 
 

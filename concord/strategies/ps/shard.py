@@ -103,6 +103,7 @@ class Shard:
         self.optimizer: torch.optim.Optimizer | None = None
         self._groups: dict[int, dict[str, Any]] = {}  # spec's group index -> the built group
         self._names: tuple[str, ...] = ()  # each group's optimizer class
+        self._by_row: set[str] = set()  # pieces kept as rows x width (see register_first)
         self.version = 0
 
     @property
@@ -138,6 +139,15 @@ class Shard:
             flat = self.flats[pack.key] = torch.empty(pack.numel, dtype=DTYPES[pack.dtype])
             for (key, _, _), view in zip(pack.members, flat.split(pack.sizes)):
                 values[key] = view.copy_(tensors[key].reshape(-1))
+        # a sparse table's piece of whole rows is kept as rows x width, so that its optimizer
+        # steps a sparse gradient of one index per row (see RowGrad.sparse_rows)
+        self._by_row: set[str] = set()
+        for pack in self.packs:
+            width, start, numel = self.row_packs.get(pack.key, (0, 0, 0))
+            if width and not start % width and not numel % width:
+                ((key, _, _),) = pack.members
+                values[key] = values[key].view(numel // width, width)
+                self._by_row.add(key)
         if config.get("push") == "grad" and values:
             opt_spec = _spec(spec)
             by_group: list[list[torch.Tensor]] = [[] for _ in opt_spec.groups]
@@ -289,7 +299,7 @@ class Shard:
             if isinstance(flat, RowGrad) and self.keeps_untouched_rows(pack.key):
                 ((key, _, _),) = pack.members
                 if key not in absent:
-                    grads[key] = flat.sparse()
+                    grads[key] = flat.sparse_rows() if key in self._by_row else flat.sparse()
                 continue
             if isinstance(flat, RowGrad):
                 buffer = self._scratch.get(pack.key)
@@ -319,7 +329,7 @@ class Shard:
                 grad = grads.get(key)
                 value = self.values[key]
                 if grad is not None and not grad.is_sparse:
-                    grad = grad.reshape(-1)
+                    grad = grad.reshape(value.shape)
                 value.grad = None if grad is None else grad.to(value.dtype)
             self.optimizer.step()
             for key in keys:
@@ -377,7 +387,7 @@ class Shard:
             if not state:
                 new[value] = fresh_state(hp.name, hp.settings, value)
                 continue
-            new[value] = {k: stored(v, layout[k], value.dtype) for k, v in state.items()}
+            new[value] = {k: stored(v, layout[k], value) for k, v in state.items()}
         self.optimizer.state.clear()
         self.optimizer.state.update(new)
 
