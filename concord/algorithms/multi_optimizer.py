@@ -51,7 +51,7 @@ class MultiOptimizer(torch.optim.Optimizer):
         params = [p for opt in flat for g in opt.param_groups for p in g["params"]]
         super().__init__(params, {})
         self.optimizers = flat
-        self._states = _States({id(p): flat[i] for p, i in zip(params, _indices(flat))})
+        self._states = _States(flat)
         self._link()
 
     @property  # type: ignore[override]
@@ -138,8 +138,11 @@ class MultiOptimizer(torch.optim.Optimizer):
 class _States(MutableMapping):
     """A MultiOptimizer's state: each parameter's entry in its own optimizer's state."""
 
-    def __init__(self, owners: dict[int, torch.optim.Optimizer]) -> None:
-        self._owners = owners
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self._optimizers = optimizers
+        self._owners = {
+            id(p): opt for opt in optimizers for g in opt.param_groups for p in g["params"]
+        }
 
     def _owner(self, param: Any) -> torch.optim.Optimizer:
         owner = self._owners.get(id(param))
@@ -157,16 +160,10 @@ class _States(MutableMapping):
         del self._owner(param).state[param]
 
     def __iter__(self) -> Iterator[Any]:
-        owners = list({id(o): o for o in self._owners.values()}.values())
-        return itertools.chain.from_iterable(list(o.state) for o in owners)
+        return itertools.chain.from_iterable(list(o.state) for o in self._optimizers)
 
     def __len__(self) -> int:
-        return sum(len(o.state) for o in {id(o): o for o in self._owners.values()}.values())
-
-
-def _indices(optimizers: list[torch.optim.Optimizer]) -> list[int]:
-    """For each parameter of ``optimizers`` in order, the index of the one that holds it."""
-    return [i for i, opt in enumerate(optimizers) for g in opt.param_groups for _ in g["params"]]
+        return sum(len(o.state) for o in self._optimizers)
 
 
 def group_owners(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:

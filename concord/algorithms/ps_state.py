@@ -95,7 +95,11 @@ def stored(value: Any, kind: int, like: torch.Tensor) -> Any:
 
 def wire_value(value: Any) -> torch.Tensor:
     """A state value as a message carries it (a :data:`COUNT` as a 0-d int64 tensor)."""
-    return value if torch.is_tensor(value) else torch.tensor(value, dtype=torch.int64)
+    if torch.is_tensor(value):
+        return value
+    if type(value) is not int:
+        raise TypeError(f"optimizer state of type {type(value).__name__} is not supported")
+    return torch.tensor(value, dtype=torch.int64)
 
 
 def fresh_state(name: str, settings: Mapping[str, Any], like: torch.Tensor) -> dict:
