@@ -4,7 +4,8 @@
   gradient goes up, the server averages and steps, the new parameters come back; every
   byte is authenticated (GMAC under a per-message key derived with HMAC-SHA256). On one
   host the bulk bytes go through shared-memory lanes; ``concord tcp`` is the same run with
-  ``CONCORD_LANES=0`` (everything through the TCP socket, as between hosts).
+  ``CONCORD_LANES=0`` (everything through the TCP socket, as between hosts). With
+  ``--compression fp16|bf16`` both run again pushing the gradient in half precision.
 - raw zmq: a DEALER sends the same bytes as one frame, a ROUTER echoes them back (no auth).
 - rpc: ``rpc_sync`` carries the tensor to a TensorPipe peer that returns one of equal size
   (PyTorch's own parameter-server recipe).
@@ -45,7 +46,9 @@ def _job_env(world: int, servers: int) -> dict[str, str]:
 
 
 # -- concord --------------------------------------------------------------------------------
-def _concord_worker(env: dict[str, str], nbytes: int, reps: int, out) -> None:  # noqa: ANN001
+def _concord_worker(  # noqa: ANN001 - (out: a multiprocessing queue)
+    env: dict[str, str], nbytes: int, reps: int, compression: str | None, out
+) -> None:
     os.environ.update(env | {"RANK": "0", "LOCAL_RANK": "0", "CONCORD_ROLE": "worker"})
     torch.set_num_threads(1)
     import concord
@@ -54,7 +57,8 @@ def _concord_worker(env: dict[str, str], nbytes: int, reps: int, out) -> None:  
     model = torch.nn.Module()
     model.w = torch.nn.Parameter(torch.zeros(nbytes // 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    model, opt = concord.distribute(model, opt, concord.ParameterServer(mode="sync"))
+    strategy = concord.ParameterServer(mode="sync", compression=compression)
+    model, opt = concord.distribute(model, opt, strategy)
     model.w.grad = torch.ones_like(model.w)
     times = []
     for _ in range(reps + 2):
@@ -66,7 +70,9 @@ def _concord_worker(env: dict[str, str], nbytes: int, reps: int, out) -> None:  
     out.put(times[2:])
 
 
-def time_concord(nbytes: int, reps: int, lanes: bool = True) -> list[float]:
+def time_concord(
+    nbytes: int, reps: int, lanes: bool = True, compression: str | None = None
+) -> list[float]:
     env = _job_env(1, 1) | {"CONCORD_LANES": "1" if lanes else "0"}
     server = subprocess.Popen(
         [sys.executable, "-m", "concord.strategies.ps.server"],
@@ -75,7 +81,7 @@ def time_concord(nbytes: int, reps: int, lanes: bool = True) -> list[float]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        return _run(_concord_worker, (env, nbytes, reps))
+        return _run(_concord_worker, (env, nbytes, reps, compression))
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -176,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="5 reps, sizes 1 and 16 MB")
     parser.add_argument("--no-rpc", action="store_true", help="skip torch.distributed.rpc")
+    parser.add_argument(
+        "--compression",
+        choices=("fp16", "bf16"),
+        help="also time concord pushing in half precision (lanes and TCP only)",
+    )
     args = parser.parse_args(argv)
     sizes = [1, 16] if args.quick else [int(s) for s in args.sizes.split(",")]
     reps = 5 if args.quick else args.reps
@@ -188,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         nbytes = mb * MB
         row = {"mb": mb, "concord_ms": 1e3 * statistics.median(time_concord(nbytes, reps))}
         row["concord_tcp_ms"] = 1e3 * statistics.median(time_concord(nbytes, reps, lanes=False))
+        if args.compression:
+            for key, lanes in (("concord_half_ms", True), ("concord_tcp_half_ms", False)):
+                times = time_concord(nbytes, reps, lanes, args.compression)
+                row[key] = 1e3 * statistics.median(times)
         row["zmq_ms"] = 1e3 * statistics.median(time_zmq(nbytes, reps))
         row["rpc_ms"] = None if args.no_rpc else 1e3 * statistics.median(time_rpc(nbytes, reps))
         row["goodput_vs_zmq"] = row["zmq_ms"] / row["concord_ms"]
@@ -201,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{rpc} {row['goodput_vs_zmq']:7.2f} {row['tcp_goodput_vs_zmq']:7.2f} {ratio}",
             flush=True,
         )
+        if args.compression:
+            print(
+                f"     {args.compression} pushes: concord {row['concord_half_ms']:.1f} ms, "
+                f"TCP only {row['concord_tcp_half_ms']:.1f} ms",
+                flush=True,
+            )
     print(json.dumps({"benchmark": "ps_transfer", "reps": reps, "results": rows}))
     from _plot import grouped_bars  # (this folder: the script's own)
 

@@ -78,6 +78,22 @@ def test_plan_cuts_pieces_to_at_most_piece_bytes():
     assert [[pc.key for pc in s] for s in plan.shards] == [["a[0:6]"], ["a[6:10]", "b[0:2]"]]
 
 
+def test_plan_splits_a_table_stepped_by_rows_at_a_row_boundary():
+    """A sparse table stepped by rows is cut between servers at a row boundary (each piece
+    whole rows), other tensors at an element boundary; the shards stay balanced."""
+    table = [ParamInfo("t", (50, 6), "float32", 4), _info("b", 30)]  # 1200 + 120 B
+    by_element = plan_shards(table, 2)  # cut at 660 B: element 165, mid-row 27
+    assert [pc.key for pc in by_element.shards[0]] == ["t[0:165]"]
+    by_row = plan_shards(table, 2, whole=frozenset({"t"}))  # row 27.5 -> 28: element 168
+    assert [[pc.key for pc in s] for s in by_row.shards] == [
+        ["t[0:168]"],
+        ["t[168:300]", "b[0:30]"],
+    ]
+    assert by_row.nbytes(table) == [672, 648]
+    wide = [ParamInfo("w", (3, 400), "float32", 4)]  # rows of 1.6 kB >= split_at (600 B):
+    assert plan_shards(wide, 2, whole=frozenset({"w"})).shards[0] == (Piece("w", 0, 600, 0),)
+
+
 def test_packs_are_runs_of_one_dtype_within_the_byte_limit():
     pieces = [("a", "float32", 4, 3), ("b", "float32", 4, 1), ("c", "float32", 4, 2)]
     pieces += [("d", "int64", 8, 2), ("e", "int64", 8, 0), ("f", "float32", 4, 5)]
@@ -590,6 +606,12 @@ def test_servers_share_their_norm_parts_and_a_silent_one_is_named():
         ({"max_grad_norm": float("nan")}, ValueError, "max_grad_norm must be positive"),
         ({"max_grad_norm": "1"}, TypeError, "max_grad_norm must be a number or None"),
         ({"mode": "async", "max_grad_norm": 1.0}, ValueError, "max_grad_norm applies to"),
+        ({"compression": "int8"}, ValueError, r"compression must be None or one of \['fp16'"),
+        (
+            {"mode": "async", "push": "delta", "compression": "bf16"},
+            ValueError,
+            "compression applies to push='grad'",
+        ),
     ],
 )
 def test_strategy_validates_itself(kwargs, error, match):
@@ -1180,4 +1202,44 @@ def test_push_delta_resumes_an_optimizer_the_servers_do_not_know():
         step(reference, ref_opt, k)
     for got, want in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert server.stats()["rejected"] == {}
+
+
+@pytest.mark.parametrize("compression", ["fp16", "bf16"])
+def test_compressed_pushes_carry_half_precision_and_the_server_steps_in_full(compression):
+    """``compression``: every float pack of a push (the table's rows too) is half precision on
+    the wire; the server widens it, steps in float32 and answers in float32. Equal to one
+    process whose gradients are rounded the same way, step by step."""
+    wire = {"fp16": torch.float16, "bf16": torch.bfloat16}[compression]
+
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = _table_model()
+        return model, torch.optim.Adagrad(model.parameters(), lr=0.3)
+
+    chan = PartsChannel()
+    model, opt = build()
+    ps, server = _loopback_ps(model, opt, ParameterServer(compression=compression), chan)
+    pushed = []
+    dispatch = server.dispatch
+    server.dispatch = lambda req: (pushed.append(dict(req.msg.tensors)), dispatch(req))
+    replies = _reply_keys(chan)
+    reference, ref_opt = build()
+    for step in range(3):
+        for m, o in ((model, ps), (reference, ref_opt)):
+            o.zero_grad()
+            _table_loss(m, step).backward()
+        for p in reference.parameters():  # what the wire does to the reference's gradients
+            g = p.grad.coalesce() if p.grad.is_sparse else p.grad
+            p.grad = (
+                torch.sparse_coo_tensor(g.indices(), g.values().to(wire).float(), g.shape)
+                if g.is_sparse
+                else g.to(wire).float()
+            )
+        ps.step()
+        ref_opt.step()
+        for got, want in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        dtypes = {key: t.dtype for key, t in pushed[-1].items()}
+        assert dtypes == {"pack0@rows": torch.int64, "pack0": wire, "pack1": wire}
+    assert replies == [["pack0@rows", "pack0", "pack1"]] * 3  # (float32: the model's own)
     assert server.stats()["rejected"] == {}

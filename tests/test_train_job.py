@@ -53,7 +53,11 @@ def test_train_two_workers_one_epoch(tmp_path):
         (["train", "--strategy", "ps-sync", "--servers", "0"], "needs --servers >= 1"),
         (["train", "--resume", "/no/such/checkpoint.pt"], "no such checkpoint"),
         (["train", "--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
-        (["train", "--strategy", "ps-sync", "--compression", "fp16"], "applies to --strategy all"),
+        (
+            ["train", "--strategy", "ps-async-delta", "--compression", "fp16"],
+            "applies to --strategy allreduce | ps-sync | ps-async, not ps-async-delta",
+        ),
+        (["train", "--strategy", "ps-sync", "--compression", "powersgd"], "ps-sync takes fp16"),
         (["train", "--strategy", "ps-sync", "--max-staleness", "2"], "ps-async | ps-async-delta"),
         (["train", "--backup-workers", "1"], "applies to --strategy ps-sync, not allreduce"),
         (["train", "--stages", "2"], "--stages applies to --strategy pipeline, not allreduce"),
@@ -127,6 +131,9 @@ def test_options_go_to_the_strategy_that_applies_them():
     assert strategy("--compression", "fp16").compression == "fp16"
     assert isinstance(strategy("--compression", "powersgd").compression, concord.PowerSGD)
     assert strategy().compression is None
+    assert strategy("--strategy", "ps-sync", "--compression", "bf16").compression == "bf16"
+    assert strategy("--strategy", "ps-async", "--compression", "fp16").compression == "fp16"
+    assert strategy("--strategy", "ps-async").compression is None
 
 
 def test_missing_dataset_exits_2_before_launching(monkeypatch, capsys):

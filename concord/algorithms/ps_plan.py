@@ -3,7 +3,8 @@
 - :func:`plan_shards` cuts the parameters (in order, as one byte stream) into S contiguous
   shards of nearly equal bytes; a cut inside a small tensor moves to its nearest edge, a cut
   inside a large one (>= ``split_bytes`` or >= a quarter of a fair share) splits it at an
-  element boundary, so every shard is within a quarter of its fair share of bytes. Pieces
+  element boundary (a sparse table stepped by rows: at a row boundary, so that each server's
+  piece is whole rows), so every shard is within a quarter of its fair share of bytes. Pieces
   larger than ``piece_bytes`` are cut further (each piece is one tensor on its server, with its
   own optimizer state). Every worker computes the same plan from the same parameter list.
 - :func:`pack_pieces` groups a shard's pieces for the wire: runs of consecutive pieces of one
@@ -156,7 +157,8 @@ def plan_shards(
 ) -> ShardPlan:
     """Cut ``params`` into ``servers`` shards balanced by bytes (see the module docstring);
     the parameters named in ``whole`` are not cut into ``piece_bytes`` pieces (one piece per
-    server: a sparse table whose pushes and replies are rows, which then cost per piece)."""
+    server: a sparse table whose pushes and replies are rows, which then cost per piece), and
+    are split between servers at row boundaries (where a row is under ``split_at``)."""
     if servers < 1 or piece_bytes < 1:
         raise ValueError(f"need servers >= 1 and piece_bytes >= 1, got {servers}, {piece_bytes}")
     names = [p.name for p in params]
@@ -170,7 +172,7 @@ def plan_shards(
     split_at = min(split_bytes, total / servers / 4)
     cuts = [0]
     for k in range(1, servers):
-        cuts.append(max(cuts[-1], _cut(params, starts, total * k / servers, split_at)))
+        cuts.append(max(cuts[-1], _cut(params, starts, total * k / servers, split_at, whole)))
     cuts.append(total)
     shards: list[list[Piece]] = [[] for _ in range(servers)]
     for p, begin in zip(params, starts):
@@ -187,13 +189,23 @@ def plan_shards(
     return ShardPlan(tuple(tuple(s) for s in shards))
 
 
-def _cut(params: Sequence[ParamInfo], starts: list[int], target: float, split_at: float) -> int:
-    """The byte offset of one cut near ``target``, on an element (or tensor) boundary."""
+def _cut(
+    params: Sequence[ParamInfo],
+    starts: list[int],
+    target: float,
+    split_at: float,
+    by_row: frozenset[str],
+) -> int:
+    """The byte offset of one cut near ``target``, on an element (or tensor) boundary; on a
+    row boundary in the parameters ``by_row`` whose rows are under ``split_at`` bytes (the
+    cut then moves by less than half of that, as a small tensor's does)."""
     for p, begin in zip(params, starts):
         end = begin + p.nbytes
         if begin <= target < end:
             if p.nbytes >= split_at:
-                return begin + round((target - begin) / p.itemsize) * p.itemsize
+                row = p.itemsize * math.prod(p.shape[1:])
+                unit = row if p.name in by_row and row < split_at else p.itemsize
+                return begin + round((target - begin) / unit) * unit
             return begin if target - begin < end - target else end
     return starts[-1]
 

@@ -61,7 +61,7 @@ PIPELINE_DEFAULTS = {
 # with a value other than the default is an error, not silently ignored
 ONLY_FOR = {
     "engine": ("auto", ("allreduce",)),
-    "compression": ("none", ("allreduce",)),
+    "compression": ("none", ("allreduce", "ps-sync", "ps-async")),
     "max_staleness": (None, ("ps-async", "ps-async-delta")),
     "backup_workers": (0, ("ps-sync",)),
     **{name: (None, ("pipeline",)) for name in PIPELINE_DEFAULTS},
@@ -77,6 +77,10 @@ def strategy_options(args: argparse.Namespace) -> None:
                 f"--{name.replace('_', '-')} applies to --strategy {' | '.join(strategies)}, "
                 f"not {args.strategy}"
             )
+    if args.compression == "powersgd" and args.strategy != "allreduce":
+        raise UsageError(
+            f"--compression powersgd is AllReduce's; {args.strategy} takes fp16 | bf16"
+        )
     if args.strategy == "pipeline":
         for name, default in PIPELINE_DEFAULTS.items():
             if getattr(args, name) is None:
@@ -99,7 +103,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--compression",
         default="none",
         choices=("none", "fp16", "bf16", "powersgd"),
-        help="AllReduce gradient compression on the wire",
+        help="gradient compression on the wire (AllReduce; ps-sync, ps-async: fp16 | bf16)",
     )
     add("--max-staleness", type=int, default=None, help="ps-async: bound on version lead")
     add("--backup-workers", type=int, default=0, help="ps-sync: gradients not waited for")

@@ -36,11 +36,17 @@ def build_strategy(args: argparse.Namespace) -> Strategy:
 
         mode = "sync" if args.strategy == "ps-sync" else "async"
         push = "delta" if args.strategy == "ps-async-delta" else "grad"
+        compression = None if args.compression == "none" else args.compression
         if mode == "sync":  # the servers clip the averaged gradient
             return ParameterServer(
-                mode="sync", backup_workers=args.backup_workers, max_grad_norm=args.max_grad_norm
+                mode="sync",
+                backup_workers=args.backup_workers,
+                max_grad_norm=args.max_grad_norm,
+                compression=compression,
             )
-        return ParameterServer(mode="async", push=push, max_staleness=args.max_staleness)
+        return ParameterServer(
+            mode="async", push=push, max_staleness=args.max_staleness, compression=compression
+        )
     if args.strategy == "pipeline":
         from concord.strategies.pipeline import Pipeline
 

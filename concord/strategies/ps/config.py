@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 MODES = ("sync", "async")
 PUSHES = ("grad", "delta")
+#: push compression -> the wire dtype of float32/float64 gradients (summed in full precision)
+COMPRESSIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _int_or_none(name: str, value: Any, low: int) -> None:
@@ -46,6 +48,9 @@ class ParameterServer(Strategy):
     - ``max_grad_norm=c`` (sync): the servers clip each step's averaged gradient by its norm over
       the whole model, as ``clip_grad_norm_(params, c)`` does in one process (see
       ``concord.strategies.ps.norms``); do not also clip on the workers.
+    - ``compression="fp16" | "bf16"`` (push="grad"): float32/float64 gradients are pushed in
+      half precision (half the bytes up, as BytePS and Horovod compress); the servers sum,
+      average and step in full precision, and the parameters come back in full precision.
 
     Start servers with ``concord run -n 4 --servers 2 train.py``.
     """
@@ -58,6 +63,7 @@ class ParameterServer(Strategy):
     servers: int | None = None
     overlap: bool = False
     max_grad_norm: float | None = None
+    compression: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -84,6 +90,15 @@ class ParameterServer(Strategy):
         if self.mode == "sync" and self.max_staleness is not None:
             raise ValueError(
                 "max_staleness applies to mode='async'; sync mode is already max_staleness=0"
+            )
+        if self.compression is not None and self.compression not in COMPRESSIONS:
+            raise ValueError(
+                f"compression must be None or one of {list(COMPRESSIONS)}, got {self.compression!r}"
+            )
+        if self.compression is not None and self.push == "delta":
+            raise ValueError(
+                "compression applies to push='grad' (a parameter change in half precision "
+                "would lose the small updates it carries)"
             )
         positive_or_none("max_grad_norm", self.max_grad_norm)
         if self.mode == "async" and self.max_grad_norm is not None:

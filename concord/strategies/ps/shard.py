@@ -47,6 +47,7 @@ from concord.algorithms.row_grads import (
     untouched_rows_stay,
 )
 from concord.comm.wire import DTYPES, WireError
+from concord.strategies.ps.config import COMPRESSIONS
 
 _META_KEYS = {"name", "shape", "dtype", "group", "start", "stop", "sparse"}
 _FUSED_DTYPES = {"float32", "float64"}
@@ -104,6 +105,8 @@ class Shard:
         self._groups: dict[int, dict[str, Any]] = {}  # spec's group index -> the built group
         self._names: tuple[str, ...] = ()  # each group's optimizer class
         self._by_row: set[str] = set()  # pieces kept as rows x width (see register_first)
+        self._wire: torch.dtype | None = None  # pushed gradients' dtype under compression
+        self._dtypes: dict[str, torch.dtype] = {}  # pack key -> its registered dtype
         self.version = 0
 
     @property
@@ -167,6 +170,8 @@ class Shard:
             self.optimizer, self._groups = built.optimizer, built.groups
             self._names = opt_spec.names
         self.config, self.metas, self.values = dict(config), metas, values
+        self._wire = COMPRESSIONS.get(config.get("compression") or "")
+        self._dtypes = {pack.key: DTYPES[pack.dtype] for pack in self.packs}
         if config.get("mode") == "async":
             for key, (width, start, numel) in self.row_packs.items():
                 if width:
@@ -246,6 +251,8 @@ class Shard:
         rows = {}
         for key in [k for k in tensors if k.endswith(ROWS_SUFFIX)]:
             rows[key[: -len(ROWS_SUFFIX)]] = packs.pop(key)
+        if self._wire is not None:  # compression: back to the pack's precision to sum
+            packs = {key: self._widened(key, value) for key, value in packs.items()}
         if not rows:
             self.check_packs(packs, what)
             return packs
@@ -274,6 +281,14 @@ class Shard:
             except ValueError as exc:
                 raise WireError("shape", f"{what} {pack.key!r}: {exc}") from None
         return out
+
+    def _widened(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        """A compressed float pack (the config's half-precision dtype) in its registered
+        float32/float64; anything else as it came (the checks then judge it)."""
+        dtype = self._dtypes.get(key)
+        if value.dtype != self._wire or dtype not in (torch.float32, torch.float64):
+            return value
+        return value.to(dtype)
 
     def absent_pieces(self, indices: Any) -> frozenset[str]:
         """The piece keys a push says it has no gradient for (``meta["absent"]``: indices in
