@@ -203,6 +203,11 @@ def _clipped_pipeline(stages: int, replicas: int, n: int, steps: int, runs: list
     for (schedule, m, split), bags in runs:
         model = _bag_model() if bags else _model()
         opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        if bags:  # the same update from two optimizers (a list, as for SparseAdam + Adam)
+            table = list(model[0].parameters())
+            rest = [p for layer in model[1:] for p in layer.parameters()]
+            opt = [torch.optim.SGD(ps, lr=0.5, momentum=0.9) for ps in (table, rest)]
+            opt = concord.MultiOptimizer(*opt)
         clip = BAG_CLIP if bags else CLIP
         strategy = concord.Pipeline(stages, m, schedule, split, replicas, max_grad_norm=clip)
         stage, sopt = strategy.distribute(model, opt, ctx)
@@ -256,7 +261,8 @@ def test_max_grad_norm_clips_as_one_process_clips_the_whole_model(stages, replic
 def test_sparse_embedding_stage_averages_and_clips_as_one_process():
     """Stage 0 holds an EmbeddingBag(sparse=True): the replicas average its touched rows (gloo's
     sparse all_reduce on the CPU) and its gradient stays sparse; the clip's norm counts its
-    values as clip_grad_norm_ would count the dense gradient."""
+    values as clip_grad_norm_ would count the dense gradient. The stages step two optimizers
+    (one for the table, one for the rest: a MultiOptimizer, each stage keeping its share)."""
     ref_params, ref_norms = _bag_reference(12, CLIP_STEPS)
     assert sum(norm > BAG_CLIP for norm in ref_norms) == 2
     for rank, per_run in enumerate(_clip_job(2, 2)):

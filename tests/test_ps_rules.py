@@ -1205,8 +1205,8 @@ def test_push_delta_resumes_an_optimizer_the_servers_do_not_know():
     assert server.stats()["rejected"] == {}
 
 
-@pytest.mark.parametrize("compression", ["fp16", "bf16"])
-def test_compressed_pushes_carry_half_precision_and_the_server_steps_in_full(compression):
+@pytest.mark.parametrize(("compression", "mode"), [("fp16", "sync"), ("bf16", "async")])
+def test_compressed_pushes_carry_half_precision_and_the_server_steps_in_full(compression, mode):
     """``compression``: every float pack of a push (the table's rows too) is half precision on
     the wire; the server widens it, steps in float32 and answers in float32. Equal to one
     process whose gradients are rounded the same way, step by step."""
@@ -1218,7 +1218,8 @@ def test_compressed_pushes_carry_half_precision_and_the_server_steps_in_full(com
 
     chan = PartsChannel()
     model, opt = build()
-    ps, server = _loopback_ps(model, opt, ParameterServer(compression=compression), chan)
+    strategy = ParameterServer(mode, compression=compression)
+    ps, server = _loopback_ps(model, opt, strategy, chan)
     pushed = []
     dispatch = server.dispatch
     server.dispatch = lambda req: (pushed.append(dict(req.msg.tensors)), dispatch(req))
