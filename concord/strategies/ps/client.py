@@ -76,7 +76,7 @@ from concord.comm.wire import Codec, Message, dtype_name
 from concord.errors import ProtocolError, UsageError
 from concord.strategies.allreduce import broadcast_state
 from concord.strategies.base import DistributedOptimizer
-from concord.strategies.ps.config import COMPRESSIONS, ParameterServer
+from concord.strategies.ps.config import ParameterServer, pushed_dtype
 from concord.strategies.ps.shard import piece_meta
 from concord.strategies.sparse import dense_grad, piece_rows, sparse_grad_params
 
@@ -365,7 +365,7 @@ class PSOptimizer(DistributedOptimizer):
                 values, rows = piece_rows(param, summed.get(id(param)), pc.start, pc.stop)
                 if not self._push_views:  # step() returns before zmq reads them
                     values, rows = values.clone(), rows.clone()
-                values = values.to(self._wire_dtype(values.dtype))
+                values = values.to(pushed_dtype(self.strategy.compression, values.dtype))
                 out[pack.key], out[pack.key + ROWS_SUFFIX] = values, rows
                 absent.extend([index] if param.grad is None else [])
                 index += 1
@@ -398,7 +398,7 @@ class PSOptimizer(DistributedOptimizer):
     def _pack(self, s: int, pack: Pack, pieces: list[torch.Tensor]) -> torch.Tensor:
         """One flat CPU tensor of ``pieces``: built in server ``s``'s lane when it has room (no
         copy to send it), else in a buffer reused step to step."""
-        dtype = self._wire_dtype(pieces[0].dtype)
+        dtype = pushed_dtype(self.strategy.compression, pieces[0].dtype)
         if any(p.device.type != "cpu" for p in pieces):
             return torch.cat(pieces).to(dtype).cpu()
         space = self.channels[s].lane_space(pack.numel * dtype.itemsize)
@@ -410,12 +410,6 @@ class PSOptimizer(DistributedOptimizer):
         if buffer is None or buffer.dtype != dtype:
             buffer = self._buffers[s, pack.key] = torch.empty(pack.numel, dtype=dtype)
         return torch.cat(pieces, out=buffer)
-
-    def _wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The dtype a gradient of ``dtype`` is pushed in (half precision under
-        ``compression`` for float32/float64, else its own)."""
-        wire = COMPRESSIONS.get(self.strategy.compression or "")
-        return wire if wire is not None and dtype in (torch.float32, torch.float64) else dtype
 
     def _param_packs(self, s: int) -> dict[str, torch.Tensor]:
         """Server ``s``'s packs of this worker's current parameter values."""

@@ -20,6 +20,13 @@ PUSHES = ("grad", "delta")
 COMPRESSIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def pushed_dtype(compression: str | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a gradient of ``dtype`` travels in under ``compression`` (half precision for
+    float32/float64, else its own); what workers send and servers accept."""
+    wire = COMPRESSIONS.get(compression or "")
+    return wire if wire is not None and dtype in (torch.float32, torch.float64) else dtype
+
+
 def _int_or_none(name: str, value: Any, low: int) -> None:
     if value is None:
         return

@@ -47,7 +47,7 @@ from concord.algorithms.row_grads import (
     untouched_rows_stay,
 )
 from concord.comm.wire import DTYPES, WireError
-from concord.strategies.ps.config import COMPRESSIONS
+from concord.strategies.ps.config import pushed_dtype
 
 _META_KEYS = {"name", "shape", "dtype", "group", "start", "stop", "sparse"}
 _FUSED_DTYPES = {"float32", "float64"}
@@ -104,9 +104,6 @@ class Shard:
         self.optimizer: torch.optim.Optimizer | None = None
         self._groups: dict[int, dict[str, Any]] = {}  # spec's group index -> the built group
         self._names: tuple[str, ...] = ()  # each group's optimizer class
-        self._by_row: set[str] = set()  # pieces kept as rows x width (see register_first)
-        self._wire: torch.dtype | None = None  # pushed gradients' dtype under compression
-        self._dtypes: dict[str, torch.dtype] = {}  # pack key -> its registered dtype
         self.version = 0
 
     @property
@@ -144,13 +141,11 @@ class Shard:
                 values[key] = view.copy_(tensors[key].reshape(-1))
         # a sparse table's piece of whole rows is kept as rows x width, so that its optimizer
         # steps a sparse gradient of one index per row (see RowGrad.sparse_rows)
-        self._by_row: set[str] = set()
         for pack in self.packs:
             width, start, numel = self.row_packs.get(pack.key, (0, 0, 0))
             if width and not start % width and not numel % width:
                 ((key, _, _),) = pack.members
                 values[key] = values[key].view(numel // width, width)
-                self._by_row.add(key)
         if config.get("push") == "grad" and values:
             opt_spec = _spec(spec)
             by_group: list[list[torch.Tensor]] = [[] for _ in opt_spec.groups]
@@ -170,8 +165,6 @@ class Shard:
             self.optimizer, self._groups = built.optimizer, built.groups
             self._names = opt_spec.names
         self.config, self.metas, self.values = dict(config), metas, values
-        self._wire = COMPRESSIONS.get(config.get("compression") or "")
-        self._dtypes = {pack.key: DTYPES[pack.dtype] for pack in self.packs}
         if config.get("mode") == "async":
             for key, (width, start, numel) in self.row_packs.items():
                 if width:
@@ -251,7 +244,7 @@ class Shard:
         rows = {}
         for key in [k for k in tensors if k.endswith(ROWS_SUFFIX)]:
             rows[key[: -len(ROWS_SUFFIX)]] = packs.pop(key)
-        if self._wire is not None:  # compression: back to the pack's precision to sum
+        if self.config and self.config.get("compression"):  # back to full precision to sum
             packs = {key: self._widened(key, value) for key, value in packs.items()}
         if not rows:
             self.check_packs(packs, what)
@@ -283,12 +276,14 @@ class Shard:
         return out
 
     def _widened(self, key: str, value: torch.Tensor) -> torch.Tensor:
-        """A compressed float pack (the config's half-precision dtype) in its registered
-        float32/float64; anything else as it came (the checks then judge it)."""
-        dtype = self._dtypes.get(key)
-        if value.dtype != self._wire or dtype not in (torch.float32, torch.float64):
+        """A pack compressed as the config says (:func:`pushed_dtype`) in its registered
+        dtype; anything else as it came (the checks then judge it)."""
+        flat = self.flats.get(key)
+        if flat is None or flat.dtype == value.dtype:
             return value
-        return value.to(dtype)
+        assert self.config is not None
+        pushed = pushed_dtype(self.config.get("compression"), flat.dtype)
+        return value.to(flat.dtype) if value.dtype == pushed else value
 
     def absent_pieces(self, indices: Any) -> frozenset[str]:
         """The piece keys a push says it has no gradient for (``meta["absent"]``: indices in
@@ -314,7 +309,8 @@ class Shard:
             if isinstance(flat, RowGrad) and self.keeps_untouched_rows(pack.key):
                 ((key, _, _),) = pack.members
                 if key not in absent:
-                    grads[key] = flat.sparse_rows() if key in self._by_row else flat.sparse()
+                    by_row = self.values[key].dim() == 2  # (kept rows x width)
+                    grads[key] = flat.sparse_rows() if by_row else flat.sparse()
                 continue
             if isinstance(flat, RowGrad):
                 buffer = self._scratch.get(pack.key)
