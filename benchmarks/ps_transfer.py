@@ -6,7 +6,12 @@
   host the bulk bytes go through shared-memory lanes; ``concord tcp`` is the same run with
   ``CONCORD_LANES=0`` (everything through the TCP socket, as between hosts). With
   ``--compression fp16|bf16`` both run again pushing the gradient in half precision.
-- raw zmq: a DEALER sends the same bytes as one frame, a ROUTER echoes them back (no auth).
+  Each process spins before it sleeps (``CONCORD_SPIN_US``, :mod:`concord.comm.spin`) as
+  ``concord run -n 1 --servers 1`` would set it on this host (two processes: they spin on a
+  host with two cores or more); ``blocking`` is the lanes run with ``CONCORD_SPIN_US=0``.
+- raw zmq: a DEALER sends the same bytes as one frame, a ROUTER echoes them back (no auth),
+  each waiting in a blocking ``recv`` (the issue's peer); ``zmq polling``: the same echo with
+  both ends polling (``NOBLOCK`` receives and ``sched_yield``), as concord's spin does.
 - rpc: ``rpc_sync`` carries the tensor to a TensorPipe peer that returns one of equal size
   (PyTorch's own parameter-server recipe).
 
@@ -34,8 +39,10 @@ MB = 1 << 20
 
 def _job_env(world: int, servers: int) -> dict[str, str]:
     from concord.comm.rendezvous import free_port, new_secret
+    from concord.comm.spin import default_spin_us, usable_cores
 
     return {
+        "CONCORD_SPIN_US": str(default_spin_us(world + servers, usable_cores())),
         "WORLD_SIZE": str(world),
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
@@ -71,9 +78,15 @@ def _concord_worker(  # noqa: ANN001 - (out: a multiprocessing queue)
 
 
 def time_concord(
-    nbytes: int, reps: int, lanes: bool = True, compression: str | None = None
+    nbytes: int,
+    reps: int,
+    lanes: bool = True,
+    compression: str | None = None,
+    spin: bool = True,
 ) -> list[float]:
     env = _job_env(1, 1) | {"CONCORD_LANES": "1" if lanes else "0"}
+    if not spin:
+        env["CONCORD_SPIN_US"] = "0"
     server = subprocess.Popen(
         [sys.executable, "-m", "concord.strategies.ps.server"],
         env=os.environ | env | {"RANK": "0", "CONCORD_ROLE": "server"},
@@ -88,18 +101,30 @@ def time_concord(
 
 
 # -- raw zmq --------------------------------------------------------------------------------
-def _zmq_echo(port_out, reps: int) -> None:  # noqa: ANN001
+def _zmq_recv(sock, polling: bool) -> list:  # noqa: ANN001
+    """The next message's frames: a blocking receive, or looks without blocking until one
+    comes (yielding the core between looks)."""
+    import zmq
+
+    while polling:
+        try:
+            return sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            os.sched_yield()
+    return sock.recv_multipart(copy=False)
+
+
+def _zmq_echo(port_out, reps: int, polling: bool) -> None:  # noqa: ANN001
     import zmq
 
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     port_out.put(sock.bind_to_random_port("tcp://127.0.0.1"))
     for _ in range(reps + 2):
-        frames = sock.recv_multipart(copy=False)
-        sock.send_multipart(frames, copy=False)
+        sock.send_multipart(_zmq_recv(sock, polling), copy=False)
     sock.close(linger=1000)
 
 
-def _zmq_client(port: int, nbytes: int, reps: int, out) -> None:  # noqa: ANN001
+def _zmq_client(port: int, nbytes: int, reps: int, polling: bool, out) -> None:  # noqa: ANN001
     import zmq
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -109,18 +134,18 @@ def _zmq_client(port: int, nbytes: int, reps: int, out) -> None:  # noqa: ANN001
     for _ in range(reps + 2):
         start = time.perf_counter()
         sock.send(payload, copy=False)
-        sock.recv(copy=False)
+        _zmq_recv(sock, polling)
         times.append(time.perf_counter() - start)
     sock.close()
     out.put(times[2:])
 
 
-def time_zmq(nbytes: int, reps: int) -> list[float]:
+def time_zmq(nbytes: int, reps: int, polling: bool = False) -> list[float]:
     ports = _CTX.Queue()
-    echo = _CTX.Process(target=_zmq_echo, args=(ports, reps))
+    echo = _CTX.Process(target=_zmq_echo, args=(ports, reps, polling))
     echo.start()
     try:
-        return _run(_zmq_client, (ports.get(timeout=60), nbytes, reps))
+        return _run(_zmq_client, (ports.get(timeout=60), nbytes, reps, polling))
     finally:
         echo.join(timeout=30)
         if echo.is_alive():
@@ -192,28 +217,34 @@ def main(argv: list[str] | None = None) -> int:
     reps = 5 if args.quick else args.reps
     rows = []
     print(
-        f"{'MB':>4} {'concord ms':>11} {'tcp ms':>8} {'zmq ms':>8} {'rpc ms':>8} "
-        f"{'vs zmq':>7} {'tcp/zmq':>7} {'vs rpc':>7}"
+        f"{'MB':>4} {'concord ms':>11} {'blocking':>9} {'tcp ms':>8} {'zmq ms':>8} "
+        f"{'zmq poll':>9} {'rpc ms':>8} {'vs zmq':>7} {'vs poll':>7} {'tcp/zmq':>7} {'vs rpc':>7}"
     )
     for mb in sizes:
         nbytes = mb * MB
         row = {"mb": mb, "concord_ms": 1e3 * statistics.median(time_concord(nbytes, reps))}
+        times = time_concord(nbytes, reps, spin=False)
+        row["concord_blocking_ms"] = 1e3 * statistics.median(times)
         row["concord_tcp_ms"] = 1e3 * statistics.median(time_concord(nbytes, reps, lanes=False))
         if args.compression:
             for key, lanes in (("concord_half_ms", True), ("concord_tcp_half_ms", False)):
                 times = time_concord(nbytes, reps, lanes, args.compression)
                 row[key] = 1e3 * statistics.median(times)
         row["zmq_ms"] = 1e3 * statistics.median(time_zmq(nbytes, reps))
+        row["zmq_polling_ms"] = 1e3 * statistics.median(time_zmq(nbytes, reps, polling=True))
         row["rpc_ms"] = None if args.no_rpc else 1e3 * statistics.median(time_rpc(nbytes, reps))
         row["goodput_vs_zmq"] = row["zmq_ms"] / row["concord_ms"]
+        row["goodput_vs_zmq_polling"] = row["zmq_polling_ms"] / row["concord_ms"]
         row["tcp_goodput_vs_zmq"] = row["zmq_ms"] / row["concord_tcp_ms"]
         row["time_vs_rpc"] = row["concord_ms"] / row["rpc_ms"] if row["rpc_ms"] else None
         rows.append(row)
         rpc = f"{row['rpc_ms']:8.1f}" if row["rpc_ms"] else f"{'-':>8}"
         ratio = f"{row['time_vs_rpc']:7.2f}" if row["time_vs_rpc"] else f"{'-':>7}"
         print(
-            f"{mb:>4} {row['concord_ms']:11.1f} {row['concord_tcp_ms']:8.1f} {row['zmq_ms']:8.1f} "
-            f"{rpc} {row['goodput_vs_zmq']:7.2f} {row['tcp_goodput_vs_zmq']:7.2f} {ratio}",
+            f"{mb:>4} {row['concord_ms']:11.2f} {row['concord_blocking_ms']:9.2f} "
+            f"{row['concord_tcp_ms']:8.2f} {row['zmq_ms']:8.2f} {row['zmq_polling_ms']:9.2f} "
+            f"{rpc} {row['goodput_vs_zmq']:7.2f} {row['goodput_vs_zmq_polling']:7.2f} "
+            f"{row['tcp_goodput_vs_zmq']:7.2f} {ratio}",
             flush=True,
         )
         if args.compression:
@@ -231,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         [f"{r['mb']} MB" for r in rows],
         {
             "concord": [r["concord_ms"] for r in rows],
+            "concord, blocking": [r["concord_blocking_ms"] for r in rows],
             "concord, TCP only": [r["concord_tcp_ms"] for r in rows],
             "raw zmq echo": [r["zmq_ms"] for r in rows],
+            "raw zmq echo, polling": [r["zmq_polling_ms"] for r in rows],
             "torch rpc": [r["rpc_ms"] for r in rows],
         },
         "ms",

@@ -49,6 +49,7 @@ from concord.comm.local import (
     datagram,
 )
 from concord.comm.parts import PART_BYTES, PartAssembler, split_message
+from concord.comm.spin import spin_seconds
 from concord.comm.wire import (
     MAC_BYTES,
     Codec,
@@ -89,6 +90,7 @@ class ClientChannel:
         self._shared: Lane | None = None  # the server's lane for replies to several clients
         self._local: socket.socket | None = None  # the server's local socket, if offered
         self._broken: str | None = None
+        self.spin = spin_seconds()  # polled without blocking before a wait sleeps
 
     def send(self, msg: Message) -> None:
         """Queue ``msg`` for the server (zero-copy; returns before the bytes are sent). A large
@@ -138,7 +140,7 @@ class ClientChannel:
         """The ZeroMQ socket or the local socket, whichever has a message; None after
         ``timeout_ms``."""
         fds = [] if self._local is None else [self._local.fileno()]
-        ready = poll_ready(self.socket, timeout_ms, fds)
+        ready = poll_ready(self.socket, timeout_ms, fds, self.spin)
         if not ready:
             return None
         return self.socket if self.socket in ready else self._local
@@ -302,13 +304,27 @@ class ClientChannel:
         self._lanes = self._shared = None
 
 
-def poll_ready(socket: zmq.Socket, timeout_ms: int, fds: list[int]) -> list[Any]:
+def poll_ready(socket: zmq.Socket, timeout_ms: int, fds: list[int], spin: float = 0.0) -> list[Any]:
     """What has something to read among ``socket`` and the file descriptors ``fds``, waiting
     up to ``timeout_ms`` for one. A message already queued on ``socket`` is seen without a
-    poll (a system call and a Poller per wait)."""
+    poll (a system call and a Poller per wait). With ``spin`` (seconds, see
+    :mod:`concord.comm.spin`) it first looks without blocking for that long, yielding the core
+    after each look, and only then sleeps in the kernel for the rest of the timeout."""
     if socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
         return [socket]
     items = [(socket, zmq.POLLIN), *((fd, zmq.POLLIN) for fd in fds)]
+    if spin > 0 and timeout_ms > 0:
+        start = time.perf_counter()
+        spin = min(spin, timeout_ms / 1000)
+        while True:
+            ready = zmq.zmq_poll(items, 0)
+            if ready:
+                return [what for what, _ in ready]
+            spent = time.perf_counter() - start
+            if spent >= spin:
+                break
+            os.sched_yield()  # a runnable thread of this core (zmq's I/O) goes first
+        timeout_ms = max(0, timeout_ms - int(spent * 1000))
     return [what for what, _ in zmq.zmq_poll(items, timeout_ms)]
 
 

@@ -33,6 +33,7 @@ from concord.comm.channel import (
 from concord.comm.lanes import Lane, pack_frames, unpack_frames
 from concord.comm.local import LocalListener, local_sockets_available
 from concord.comm.parts import PART_BYTES, PART_KEY, PartAssembler, split_message
+from concord.comm.spin import spin_seconds
 from concord.comm.wire import (
     MAX_HEADER_BYTES,
     Codec,
@@ -104,6 +105,7 @@ class ServerChannel:
         self.rejected: Counter[str] = Counter()
         self.bytes_in = 0
         self.bytes_out = 0
+        self.spin = spin_seconds()  # polled without blocking before a wait sleeps
 
     @property
     def address(self) -> str:
@@ -177,7 +179,7 @@ class ServerChannel:
         while True:
             fds = [] if listener is None else listener.fds()
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            ready = poll_ready(self.socket, left_ms, fds)
+            ready = poll_ready(self.socket, left_ms, fds, self.spin)
             if not ready:
                 return None
             if fds and fds[0] in ready:

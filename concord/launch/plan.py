@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from concord.comm.rendezvous import DEVICES
+from concord.comm.spin import SPIN_ENV, default_spin_us
 from concord.errors import UsageError
 
 SERVER_MODULE = "concord.strategies.ps.server"
@@ -173,6 +174,7 @@ def plan(
     *,
     inherited: Mapping[str, str] | None = None,
     python: str = sys.executable,
+    cores: int | None = None,
 ) -> list[ProcessSpec]:
     """The processes this node starts for launch ``attempt`` (0 first, +1 per restart).
 
@@ -180,6 +182,9 @@ def plan(
     ``inherited`` the environment children start from (the launcher passes ``os.environ``).
     Env precedence: inherited < defaults (PYTHONUNBUFFERED, OMP_NUM_THREADS) < config.env <
     the contract. Workers come first (local rank order), then servers, then the data server.
+    ``cores``: this node's usable cores; unless the environment sets ``CONCORD_SPIN_US``, every
+    process gets :func:`~concord.comm.spin.default_spin_us` for the node's process count
+    (spin before sleeping only when each process has a core of its own).
     """
     if not 0 < port < 65536:
         raise ValueError(f"port must be an actual TCP port in 1..65535, got {port}")
@@ -201,6 +206,10 @@ def plan(
         if config.data_server is not None:
             data_argv = (python, "-m", config.data_module, config.data_server)
             specs.append(_spec("data", 0, data_argv, base, 0))
+    if SPIN_ENV not in base:
+        spin = str(default_spin_us(len(specs), cores))
+        for spec in specs:
+            spec.env[SPIN_ENV] = spin
     return specs
 
 

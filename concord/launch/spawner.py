@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from concord.comm.rendezvous import new_secret
+from concord.comm.spin import usable_cores
 from concord.errors import UsageError
 from concord.launch import nodes
 from concord.launch.output import forward
@@ -274,7 +275,9 @@ def launch(config: LaunchConfig) -> int:
         try:
             attempt = 0
             while True:
-                specs = plan(config, port, secret, attempt, inherited=os.environ)
+                specs = plan(
+                    config, port, secret, attempt, inherited=os.environ, cores=usable_cores()
+                )
                 group = Group(specs)
                 with signals.deferred():
                     group.start()
