@@ -266,6 +266,21 @@ def test_sync_round_reads_gradients_only_while_pushed_and_reuses_its_buffers():
     assert torch.equal(second, torch.tensor([3.0, 3.0])) and second.data_ptr() == first.data_ptr()
 
 
+@pytest.mark.parametrize("workers, backup", [(1, 0), (3, 2)])
+def test_a_push_that_alone_fills_its_round_is_used_as_it_came(workers, backup):
+    agg = SyncAggregator(workers=workers, backup_workers=backup)
+    received = torch.tensor([1.0, 2.0])  # no copy: finish() comes before the buffer is reused
+    assert agg.push(0, 0, {"a": received}) == "complete"
+    result = agg.finish()
+    assert result.grads["a"] is received and torch.equal(received, torch.tensor([1.0, 2.0]))
+    if workers > 1:  # a round that more than one push fills still sums into its own buffer
+        agg = SyncAggregator(workers=workers, backup_workers=backup - 1)
+        agg.push(0, 0, {"a": received})
+        received.fill_(7.0)
+        agg.push(1, 0, {"a": torch.tensor([3.0, 4.0])})
+        assert torch.equal(agg.finish().grads["a"], torch.tensor([2.0, 3.0]))
+
+
 def test_sync_round_with_a_backup_worker_drops_the_late_one():
     agg = SyncAggregator(workers=3, backup_workers=1)
     agg.push(2, 0, {"a": torch.ones(1)})

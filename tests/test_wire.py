@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 
 import pytest
@@ -15,6 +17,7 @@ from concord.comm.lanes import socket_frames, unpack_frames
 from concord.comm.server_channel import ServerChannel
 from concord.comm.wire import (
     DTYPES,
+    HMAC_BYTES,
     MAC_BYTES,
     PROTOCOL_VERSION,
     Codec,
@@ -141,6 +144,34 @@ def test_mac_binds_a_lane_frame_by_its_place():
     for bad in (LaneRef(False, -1, 8), LaneRef(False, 0, 1 << 63)):
         with pytest.raises(ValueError, match="out of range"):
             mac([bad])
+
+
+def _hmac_tag(header: bytes, buffers: list, nonce: bytes) -> bytes:
+    """The small-message MAC, computed here from the module docstring's formula."""
+    data = [b"concord-wire/3 hmac all", nonce, (1 + len(buffers)).to_bytes(8, "little")]
+    for frame in [header, *buffers]:
+        if isinstance(frame, LaneRef):
+            data.append(frame.summary())
+        else:
+            data += [len(frame).to_bytes(8, "little"), frame]
+    return nonce + hmac.new(SECRET, b"".join(data), hashlib.sha256).digest()[:16]
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+def test_small_messages_take_one_hmac_and_larger_ones_the_gmac(extra):
+    header, nonce = b'{"op":"x"}', bytes(range(16, 32))
+    payload = bytes(HMAC_BYTES - len(header) + extra)  # header + payload: HMAC_BYTES + extra
+    lane = LaneRef(shared=False, position=128, nbytes=1 << 20)  # (its bytes are not hashed)
+    for buffers in ([payload], [payload, lane]):
+        signed = compute_mac(SECRET, header, buffers, nonce)
+        assert (signed == _hmac_tag(header, buffers, nonce)) == (extra <= 0)
+        assert verify_mac(SECRET, signed, header, buffers)
+        flipped = bytes([payload[0] ^ 1]) + payload[1:]
+        assert not verify_mac(SECRET, signed, header, [flipped, *buffers[1:]])
+        assert not verify_mac(SECRET, signed, header + b" ", buffers)
+        assert not verify_mac(b"another secret, 32 bytes long...", signed, header, buffers)
+        if extra > 0:  # the sizes pick the scheme: a larger message's HMAC tag is refused
+            assert not verify_mac(SECRET, _hmac_tag(header, buffers, nonce), header, buffers)
 
 
 def test_mac_key_is_fresh_per_message_and_tied_to_the_secret():

@@ -39,9 +39,11 @@ class SyncAggregator:
 
     ``push`` reads the gradient tensors only while it runs (they may be views of a receive
     buffer): each key's running sum is this aggregator's own buffer, reused from round to
-    round. It returns ``"counted"``, ``"complete"`` (this push filled the round; call
-    ``finish``) or ``"late"`` (a gradient for an old step: dropped and recorded in
-    ``dropped``). The averages ``finish`` returns live in those buffers: use them before the
+    round, except that a push which alone fills its round (``needed`` is 1) is kept as it
+    came, not copied: call ``finish`` before its tensors die (a server does, at once). It
+    returns ``"counted"``, ``"complete"`` (this push filled the round; call ``finish``) or
+    ``"late"`` (a gradient for an old step: dropped and recorded in ``dropped``). The
+    averages ``finish`` returns live in those buffers (or that push): use them before the
     next round's first push. Missing gradients of a contributor count as zero in the
     average, which equals one process computing the mean loss over the global batch: a push
     either leaves a key out or sends zeros for it and names it in ``absent``. A sparse
@@ -104,6 +106,7 @@ class SyncAggregator:
             )
         if worker in self._contributors:
             raise ValueError(f"worker {worker} pushed twice for step {step}")
+        alone = not self._contributors and self.needed == 1  # this push ends the round
         self.live.add(worker)
         self._absent = self._absent & absent if self._contributors else absent
         self._contributors.append(worker)
@@ -117,6 +120,8 @@ class SyncAggregator:
                 continue
             if total is not None:
                 total.add_(grad)
+            elif alone:  # (finish() divides nothing: one contributor)
+                total = self._sums[key] = grad
             else:
                 total = self._sums[key] = self._buffer(key, grad.shape, grad.dtype).copy_(grad)
             for part in self._row_parts.pop(key, []):  # rows pushed before: added where they fall
