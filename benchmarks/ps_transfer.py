@@ -13,9 +13,14 @@
   each waiting in a blocking ``recv`` (the issue's peer); ``zmq polling``: the same echo with
   both ends polling (``NOBLOCK`` receives and ``sched_yield``), as concord's spin does.
 - rpc: ``rpc_sync`` carries the tensor to a TensorPipe peer that returns one of equal size
-  (PyTorch's own parameter-server recipe).
+  (PyTorch's own parameter-server recipe); ``rpc tcp`` is the same with TensorPipe held to
+  its TCP transport and basic channel (``_transports=["uv"], _channels=["basic"]``), as
+  between hosts: the peer of ``concord tcp``.
 
-Each peer runs in fresh processes on 127.0.0.1 in the same run; medians of ``--reps``.
+Each peer runs ``--runs`` times, each time in fresh processes on 127.0.0.1, in the same run;
+a time is the median of all ``runs x reps`` round trips, and ``spread`` gives the least and
+greatest of the runs' own medians (rpc's round trips here fall into a few distinct levels, at
+16 MB about 7, 55 and 100 ms, and how many land in each differs from one run to the next).
 
     flock /tmp/concord-bench.lock python benchmarks/ps_transfer.py [--quick] [--sizes 1,16,64]
 """
@@ -23,6 +28,7 @@ Each peer runs in fresh processes on 127.0.0.1 in the same run; medians of ``--r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -30,6 +36,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -157,12 +165,15 @@ def _rpc_echo(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _rpc_proc(rank: int, port: int, nbytes: int, reps: int, out) -> None:  # noqa: ANN001
+def _rpc_proc(rank: int, port: int, nbytes: int, reps: int, tcp: bool, out) -> None:  # noqa: ANN001
     import torch.distributed.rpc as rpc
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    opts = rpc.TensorPipeRpcBackendOptions(rpc_timeout=120, init_method=f"tcp://127.0.0.1:{port}")
+    only_tcp = {"_transports": ["uv"], "_channels": ["basic"]} if tcp else {}
+    opts = rpc.TensorPipeRpcBackendOptions(
+        rpc_timeout=120, init_method=f"tcp://127.0.0.1:{port}", **only_tcp
+    )
     rpc.init_rpc(f"p{rank}", rank=rank, world_size=2, rpc_backend_options=opts)
     if rank == 0:
         t = torch.ones(nbytes // 4)
@@ -175,14 +186,14 @@ def _rpc_proc(rank: int, port: int, nbytes: int, reps: int, out) -> None:  # noq
     rpc.shutdown()
 
 
-def time_rpc(nbytes: int, reps: int) -> list[float]:
+def time_rpc(nbytes: int, reps: int, tcp: bool = False) -> list[float]:
     from concord.comm.rendezvous import free_port
 
     port, unused = free_port(), _CTX.Queue()  # keep the queue alive while the child starts
-    peer = _CTX.Process(target=_rpc_proc, args=(1, port, nbytes, reps, unused))
+    peer = _CTX.Process(target=_rpc_proc, args=(1, port, nbytes, reps, tcp, unused))
     peer.start()
     try:
-        return _run(_rpc_proc, (0, port, nbytes, reps))
+        return _run(_rpc_proc, (0, port, nbytes, reps, tcp))
     finally:
         peer.join(timeout=60)
         if peer.is_alive():
@@ -201,11 +212,54 @@ def _run(target, args: tuple) -> list[float]:  # noqa: ANN001
             proc.kill()
 
 
+def _pooled(timer: Callable[[], list[float]], runs: int) -> tuple[float, list[float]]:
+    """The median of ``runs`` fresh runs' round trips pooled, and each run's own median (ms)."""
+    times = [[1e3 * t for t in timer()] for _ in range(runs)]
+    return statistics.median(t for run in times for t in run), [statistics.median(r) for r in times]
+
+
+# peer columns: (row key, column title, plot label)
+_PEERS = [
+    ("concord", "concord", "concord"),
+    ("concord_blocking", "blocking", "concord, blocking"),
+    ("concord_tcp", "tcp", "concord, TCP only"),
+    ("zmq", "zmq", "raw zmq echo"),
+    ("zmq_polling", "zmq poll", "raw zmq echo, polling"),
+    ("rpc", "rpc", "torch rpc"),
+    ("rpc_tcp", "rpc tcp", "torch rpc, TCP only"),
+]
+# ratio columns: (row key, title, numerator peer, denominator peer)
+_RATIOS = [
+    ("goodput_vs_zmq", "vs zmq", "zmq", "concord"),
+    ("goodput_vs_zmq_polling", "vs poll", "zmq_polling", "concord"),
+    ("tcp_goodput_vs_zmq", "tcp/zmq", "zmq", "concord_tcp"),
+    ("time_vs_rpc", "vs rpc", "concord", "rpc"),
+    ("tcp_time_vs_rpc_tcp", "tcp/rpc", "concord_tcp", "rpc_tcp"),
+]
+
+
+def _timers(nbytes: int, reps: int, rpc: bool) -> dict[str, Callable[[], list[float]] | None]:
+    return {
+        "concord": lambda: time_concord(nbytes, reps),
+        "concord_blocking": lambda: time_concord(nbytes, reps, spin=False),
+        "concord_tcp": lambda: time_concord(nbytes, reps, lanes=False),
+        "zmq": lambda: time_zmq(nbytes, reps),
+        "zmq_polling": lambda: time_zmq(nbytes, reps, polling=True),
+        "rpc": (lambda: time_rpc(nbytes, reps)) if rpc else None,
+        "rpc_tcp": (lambda: time_rpc(nbytes, reps, tcp=True)) if rpc else None,
+    }
+
+
+def _cell(value: float | None, width: int, digits: int) -> str:
+    return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1,16,64", help="payload sizes in MB")
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--quick", action="store_true", help="5 reps, sizes 1 and 16 MB")
+    parser.add_argument("--reps", type=int, default=15, help="round trips per run")
+    parser.add_argument("--runs", type=int, default=3, help="fresh process sets per peer")
+    parser.add_argument("--quick", action="store_true", help="5 reps, 1 run, sizes 1 and 16 MB")
     parser.add_argument("--no-rpc", action="store_true", help="skip torch.distributed.rpc")
     parser.add_argument(
         "--compression",
@@ -214,60 +268,49 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     sizes = [1, 16] if args.quick else [int(s) for s in args.sizes.split(",")]
-    reps = 5 if args.quick else args.reps
+    reps, runs = (5, 1) if args.quick else (args.reps, args.runs)
+    if reps < 1 or runs < 1:
+        parser.error("--reps and --runs must be at least 1")
     rows = []
-    print(
-        f"{'MB':>4} {'concord ms':>11} {'blocking':>9} {'tcp ms':>8} {'zmq ms':>8} "
-        f"{'zmq poll':>9} {'rpc ms':>8} {'vs zmq':>7} {'vs poll':>7} {'tcp/zmq':>7} {'vs rpc':>7}"
-    )
+    titles = [f"{title:>9}" for _, title, _ in _PEERS] + [f"{t:>7}" for _, t, _, _ in _RATIOS]
+    print(f"{'MB':>4} " + " ".join(titles) + "   (ms; goodput and time ratios)")
     for mb in sizes:
         nbytes = mb * MB
-        row = {"mb": mb, "concord_ms": 1e3 * statistics.median(time_concord(nbytes, reps))}
-        times = time_concord(nbytes, reps, spin=False)
-        row["concord_blocking_ms"] = 1e3 * statistics.median(times)
-        row["concord_tcp_ms"] = 1e3 * statistics.median(time_concord(nbytes, reps, lanes=False))
+        row: dict[str, Any] = {"mb": mb}
+        for key, timer in _timers(nbytes, reps, not args.no_rpc).items():
+            median, per_run = _pooled(timer, runs) if timer is not None else (None, [])
+            row[f"{key}_ms"], row[f"{key}_run_ms"] = median, per_run
         if args.compression:
-            for key, lanes in (("concord_half_ms", True), ("concord_tcp_half_ms", False)):
-                times = time_concord(nbytes, reps, lanes, args.compression)
-                row[key] = 1e3 * statistics.median(times)
-        row["zmq_ms"] = 1e3 * statistics.median(time_zmq(nbytes, reps))
-        row["zmq_polling_ms"] = 1e3 * statistics.median(time_zmq(nbytes, reps, polling=True))
-        row["rpc_ms"] = None if args.no_rpc else 1e3 * statistics.median(time_rpc(nbytes, reps))
-        row["goodput_vs_zmq"] = row["zmq_ms"] / row["concord_ms"]
-        row["goodput_vs_zmq_polling"] = row["zmq_polling_ms"] / row["concord_ms"]
-        row["tcp_goodput_vs_zmq"] = row["zmq_ms"] / row["concord_tcp_ms"]
-        row["time_vs_rpc"] = row["concord_ms"] / row["rpc_ms"] if row["rpc_ms"] else None
+            for key, lanes in (("concord_half", True), ("concord_tcp_half", False)):
+                timer = functools.partial(time_concord, nbytes, reps, lanes, args.compression)
+                row[f"{key}_ms"], row[f"{key}_run_ms"] = _pooled(timer, runs)
+        for key, _, top, bottom in _RATIOS:
+            a, b = row[f"{top}_ms"], row[f"{bottom}_ms"]
+            row[key] = a / b if a is not None and b is not None else None
         rows.append(row)
-        rpc = f"{row['rpc_ms']:8.1f}" if row["rpc_ms"] else f"{'-':>8}"
-        ratio = f"{row['time_vs_rpc']:7.2f}" if row["time_vs_rpc"] else f"{'-':>7}"
-        print(
-            f"{mb:>4} {row['concord_ms']:11.2f} {row['concord_blocking_ms']:9.2f} "
-            f"{row['concord_tcp_ms']:8.2f} {row['zmq_ms']:8.2f} {row['zmq_polling_ms']:9.2f} "
-            f"{rpc} {row['goodput_vs_zmq']:7.2f} {row['goodput_vs_zmq_polling']:7.2f} "
-            f"{row['tcp_goodput_vs_zmq']:7.2f} {ratio}",
-            flush=True,
-        )
+        cells = [_cell(row[f"{key}_ms"], 9, 2) for key, _, _ in _PEERS]
+        print(f"{mb:>4} " + " ".join(cells + [_cell(row[k], 7, 2) for k, *_ in _RATIOS]))
+        if runs > 1:
+            spread = ", ".join(
+                f"{key} {min(row[f'{key}_run_ms']):.2f}-{max(row[f'{key}_run_ms']):.2f}"
+                for key, _, _ in _PEERS
+                if row[f"{key}_run_ms"]
+            )
+            print(f"     spread of the {runs} runs' medians (ms): {spread}", flush=True)
         if args.compression:
             print(
                 f"     {args.compression} pushes: concord {row['concord_half_ms']:.1f} ms, "
                 f"TCP only {row['concord_tcp_half_ms']:.1f} ms",
                 flush=True,
             )
-    print(json.dumps({"benchmark": "ps_transfer", "reps": reps, "results": rows}))
+    print(json.dumps({"benchmark": "ps_transfer", "reps": reps, "runs": runs, "results": rows}))
     from _plot import grouped_bars  # (this folder: the script's own)
 
     grouped_bars(
         "ps_transfer",
         "one push + pull (lower is better)",
         [f"{r['mb']} MB" for r in rows],
-        {
-            "concord": [r["concord_ms"] for r in rows],
-            "concord, blocking": [r["concord_blocking_ms"] for r in rows],
-            "concord, TCP only": [r["concord_tcp_ms"] for r in rows],
-            "raw zmq echo": [r["zmq_ms"] for r in rows],
-            "raw zmq echo, polling": [r["zmq_polling_ms"] for r in rows],
-            "torch rpc": [r["rpc_ms"] for r in rows],
-        },
+        {label: [r[f"{key}_ms"] for r in rows] for key, _, label in _PEERS},
         "ms",
         log=True,
     )
