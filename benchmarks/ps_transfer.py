@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             row[key] = a / b if a is not None and b is not None else None
         rows.append(row)
         cells = [_cell(row[f"{key}_ms"], 9, 2) for key, _, _ in _PEERS]
-        print(f"{mb:>4} " + " ".join(cells + [_cell(row[k], 7, 2) for k, *_ in _RATIOS]))
+        ratios = [_cell(row[key], 7, 2) for key, *_ in _RATIOS]
+        print(f"{mb:>4} " + " ".join(cells + ratios), flush=True)
         if runs > 1:
             spread = ", ".join(
                 f"{key} {min(row[f'{key}_run_ms']):.2f}-{max(row[f'{key}_run_ms']):.2f}"
