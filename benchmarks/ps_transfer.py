@@ -17,9 +17,11 @@
   its TCP transport and basic channel (``_transports=["uv"], _channels=["basic"]``), as
   between hosts: the peer of ``concord tcp``.
 
-Each peer runs ``--runs`` times, each time in fresh processes on 127.0.0.1, in the same run;
-a time is the median of all ``runs x reps`` round trips, and ``spread`` gives the least and
-greatest of the runs' own medians (rpc's round trips here fall into a few distinct levels, at
+Each peer runs ``--runs`` times, each time in fresh processes on 127.0.0.1, in rounds that
+time every peer once in turn (so a drift of the host's speed falls on all of them alike); a
+time is the median of all ``runs x reps`` round trips, ``spread`` gives the least and
+greatest of the runs' own medians, and ``each round's ratio`` the range of a ratio between
+two peers timed in the same round (rpc's round trips here fall into a few distinct levels, at
 16 MB about 7, 55 and 100 ms, and how many land in each differs from one run to the next).
 
     flock /tmp/concord-bench.lock python benchmarks/ps_transfer.py [--quick] [--sizes 1,16,64]
@@ -212,10 +214,24 @@ def _run(target, args: tuple) -> list[float]:  # noqa: ANN001
             proc.kill()
 
 
-def _pooled(timer: Callable[[], list[float]], runs: int) -> tuple[float, list[float]]:
-    """The median of ``runs`` fresh runs' round trips pooled, and each run's own median (ms)."""
-    times = [[1e3 * t for t in timer()] for _ in range(runs)]
-    return statistics.median(t for run in times for t in run), [statistics.median(r) for r in times]
+def _interleaved(
+    timers: dict[str, Callable[[], list[float]]], runs: int
+) -> dict[str, list[list[float]]]:
+    """Each timer's round trips (ms) for ``runs`` rounds, every round timing every peer once
+    in turn (fresh processes each time), so a drift of this host's speed over the minutes
+    of a run falls on all peers alike."""
+    times: dict[str, list[list[float]]] = {key: [] for key in timers}
+    for _ in range(runs):
+        for key, timer in timers.items():
+            times[key].append([1e3 * t for t in timer()])
+    return times
+
+
+def _pooled(runs: list[list[float]]) -> tuple[float | None, list[float]]:
+    """The median of every run's round trips pooled, and each run's own median (ms)."""
+    if not runs:
+        return None, []
+    return statistics.median(t for run in runs for t in run), [statistics.median(r) for r in runs]
 
 
 # peer columns: (row key, column title, plot label)
@@ -277,16 +293,18 @@ def main(argv: list[str] | None = None) -> int:
     for mb in sizes:
         nbytes = mb * MB
         row: dict[str, Any] = {"mb": mb}
-        for key, timer in _timers(nbytes, reps, not args.no_rpc).items():
-            median, per_run = _pooled(timer, runs) if timer is not None else (None, [])
-            row[f"{key}_ms"], row[f"{key}_run_ms"] = median, per_run
+        timers = {k: t for k, t in _timers(nbytes, reps, not args.no_rpc).items() if t}
         if args.compression:
             for key, lanes in (("concord_half", True), ("concord_tcp_half", False)):
-                timer = functools.partial(time_concord, nbytes, reps, lanes, args.compression)
-                row[f"{key}_ms"], row[f"{key}_run_ms"] = _pooled(timer, runs)
+                timers[key] = functools.partial(time_concord, nbytes, reps, lanes, args.compression)
+        times = _interleaved(timers, runs)
+        for key in dict.fromkeys([*(k for k, _, _ in _PEERS), *timers]):  # (absent: None)
+            row[f"{key}_ms"], row[f"{key}_run_ms"] = _pooled(times.get(key, []))
         for key, _, top, bottom in _RATIOS:
             a, b = row[f"{top}_ms"], row[f"{bottom}_ms"]
             row[key] = a / b if a is not None and b is not None else None
+            pairs = zip(row[f"{top}_run_ms"], row[f"{bottom}_run_ms"], strict=False)
+            row[f"{key}_runs"] = [x / y for x, y in pairs]  # the same round's two peers
         rows.append(row)
         cells = [_cell(row[f"{key}_ms"], 9, 2) for key, _, _ in _PEERS]
         ratios = [_cell(row[key], 7, 2) for key, *_ in _RATIOS]
@@ -298,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
                 if row[f"{key}_run_ms"]
             )
             print(f"     spread of the {runs} runs' medians (ms): {spread}", flush=True)
+            paired = ", ".join(
+                f"{title.strip()} {min(row[f'{key}_runs']):.2f}-{max(row[f'{key}_runs']):.2f}"
+                for key, title, _, _ in _RATIOS
+                if row[f"{key}_runs"]
+            )
+            print(f"     each round's ratio: {paired}", flush=True)
         if args.compression:
             print(
                 f"     {args.compression} pushes: concord {row['concord_half_ms']:.1f} ms, "

@@ -42,7 +42,7 @@ from concord.comm.wire import Message, WireError
 from concord.errors import PeerTimeoutError, UsageError
 from concord.strategies.ps import ParameterServer
 from concord.strategies.ps.norms import NormExchange
-from concord.strategies.ps.shard import Shard, piece_meta
+from concord.strategies.ps.shard import Shard, piece_meta, step_optimizer
 from concord.strategies.ps.shard_server import ShardServer
 
 
@@ -206,6 +206,39 @@ def test_shard_steps_dense_float_groups_with_the_fused_kernel():
         default.step()
         adam.apply_grads({"w[0:6]": reference.grad.clone()})
     torch.testing.assert_close(adam.values["w[0:6]"], reference.detach(), rtol=1e-6, atol=0)
+
+
+def test_a_shard_steps_past_torchs_profiling_wrapper_unless_a_step_hook_is_set():
+    """``step_optimizer`` calls the optimizer's own step (not torch's ``record_function``
+    wrapper) and lands on the same values as ``step()``; with a hook on this optimizer or on
+    every optimizer it takes the plain ``step()``, so the hook runs."""
+    torch.manual_seed(0)
+    ranges = []
+    for hooked in (None, "own", "global"):
+        a, b = (torch.nn.Parameter(torch.linspace(-1, 1, 7)) for _ in range(2))
+        plain = torch.optim.SGD([a], lr=0.1, momentum=0.9, weight_decay=0.01)
+        bare = torch.optim.SGD([b], lr=0.1, momentum=0.9, weight_decay=0.01)
+        calls: list[str] = []
+        handle = None
+        if hooked == "own":
+            handle = bare.register_step_post_hook(lambda *_, c=calls: c.append("own"))
+        elif hooked == "global":
+            from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+            handle = register_optimizer_step_pre_hook(lambda *_, c=calls: c.append("global"))
+        try:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for step in range(3):
+                    a.grad = b.grad = torch.cos(torch.arange(7.0) * (step + 1))
+                    plain.step()
+                    step_optimizer(bare)
+        finally:
+            if handle is not None:
+                handle.remove()
+        assert torch.equal(a.detach(), b.detach())
+        assert calls == ([hooked] * (3 if hooked == "own" else 6) if hooked else [])
+        ranges.append(sum(e.name == "Optimizer.step#SGD.step" for e in prof.events()))
+    assert ranges == [3, 6, 6]  # only the plain steps open torch's profiler range
 
 
 def test_spec_refuses_what_is_not_allow_listed():

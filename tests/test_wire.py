@@ -250,6 +250,8 @@ def test_wrong_dtype_or_shape_is_rejected(entry, kind):
         json.dumps(_header(op="")).encode(),
         json.dumps(_header(worker="0")).encode(),
         json.dumps(_header(meta=[])).encode(),
+        b"\xff\xfe{}",  # not UTF-8
+        b"[" * 100_000,  # deeper than the JSON parser recurses
     ],
 )
 def test_malformed_header_is_rejected(header):

@@ -507,11 +507,12 @@ class PSOptimizer(DistributedOptimizer):
         """Load a whole reply of server ``s`` (its parameters) into the model."""
         self._finish_load(s, reply, self._copy_in(s, reply, {}))
 
-    @torch.no_grad()
     def _copy_in(self, s: int, part: Message, rows: dict[str, torch.Tensor]) -> set[str]:
         """Copy the packs in ``part`` (all or some of server ``s``'s) into the model; a pack
         that comes as rows (after a sync round, see ``Shard.round_reply``) updates only those
-        (``rows`` keeps row numbers that came in an earlier part of the same reply)."""
+        (``rows`` keeps row numbers that came in an earlier part of the same reply). It writes
+        to ``param.data`` (:func:`_flat`), which autograd does not record, so it needs no
+        ``no_grad`` (whose decorator cost ~9 us a call here)."""
         if part.op != "params":
             raise ProtocolError(f"server {s} answered {part.op!r}, expected 'params'")
         for pack, members in self._packs[s]:
@@ -527,7 +528,8 @@ class PSOptimizer(DistributedOptimizer):
                 continue
             if value.numel() != pack.numel:
                 raise ProtocolError(f"server {s} sent a wrong-size value for {pack.key}")
-            for (pc, param), src in zip(members, value.split(pack.sizes)):
+            values = value.split(pack.sizes) if len(members) > 1 else (value,)  # (~10 us)
+            for (pc, param), src in zip(members, values):
                 _flat(param)[pc.start : pc.stop].copy_(src)
             if self.strategy.push == "delta":
                 self._base[s, pack.key] = value
