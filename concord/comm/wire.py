@@ -66,8 +66,10 @@ _HMAC_TAG = b"concord-wire/3 hmac all"  # (as long as _TAG, and not it)
 HMAC_BYTES = 4096  # frames of at most this many bytes in all: one HMAC (module docstring)
 _SUMMARY_IV = (1 << 95).to_bytes(12, "little")  # never a frame index
 _IN_LANE = 1 << 63  # marks a lane buffer's length in the summary (no frame is that long)
-_JSON_OUT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # (made once: json.dumps
-_JSON_IN = json.JSONDecoder()  # with options builds an encoder per call, ~0.6 us a header)
+# made once (json.dumps with options builds an encoder per call: ~0.6 us a header); both
+# keep no state between calls, so threads may share them
+_JSON_OUT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_JSON_IN = json.JSONDecoder()
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
