@@ -105,6 +105,11 @@ def test_packs_are_runs_of_one_dtype_within_the_byte_limit():
         ("pack3", "float32", (("f", 0, 5),)),  # a piece over the limit is a pack of its own
     ]
     assert [p.numel for p in packs] == [4, 2, 2, 5] and packs[0].sizes == [3, 1]
+    flat = torch.arange(4.0)  # a pack's values: each member's part is a view of them
+    a, b = packs[0].views(flat)
+    assert a.tolist() == [0, 1, 2] and b.tolist() == [3] and b.data_ptr() == flat[3:].data_ptr()
+    (only,) = packs[1].views(flat[:2])  # one member: the values themselves
+    assert only.shape == (2,) and only.data_ptr() == flat.data_ptr()
     assert pack_pieces([]) == ()
     alone = pack_pieces(pieces[:3] + pieces[:2], alone=frozenset({"b"}))  # a sparse table
     assert [p.members for p in alone] == [

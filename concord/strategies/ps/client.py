@@ -528,8 +528,7 @@ class PSOptimizer(DistributedOptimizer):
                 continue
             if value.numel() != pack.numel:
                 raise ProtocolError(f"server {s} sent a wrong-size value for {pack.key}")
-            values = value.split(pack.sizes) if len(members) > 1 else (value,)  # (~10 us)
-            for (pc, param), src in zip(members, values):
+            for (pc, param), src in zip(members, pack.views(value)):
                 _flat(param)[pc.start : pc.stop].copy_(src)
             if self.strategy.push == "delta":
                 self._base[s, pack.key] = value

@@ -160,7 +160,7 @@ class Shard:
         values = {}
         for pack in self.packs:
             flat = self.flats[pack.key] = torch.empty(pack.numel, dtype=DTYPES[pack.dtype])
-            for (key, _, _), view in zip(pack.members, flat.split(pack.sizes)):
+            for (key, _, _), view in zip(pack.members, pack.views(flat)):
                 values[key] = view.copy_(tensors[key].reshape(-1))
         # a sparse table's piece of whole rows is kept as rows x width, so that its optimizer
         # steps a sparse gradient of one index per row (see RowGrad.sparse_rows)
@@ -340,8 +340,7 @@ class Shard:
                 if buffer is None:
                     buffer = self._scratch[pack.key] = torch.empty_like(self.flats[pack.key])
                 flat = flat.dense(buffer)
-            views = flat.split(pack.sizes) if len(pack.members) > 1 else (flat,)  # (~10 us)
-            for (key, _, _), view in zip(pack.members, views):
+            for (key, _, _), view in zip(pack.members, pack.views(flat)):
                 if key not in absent:
                     grads[key] = view
         return grads
