@@ -19,6 +19,10 @@ ps-sync+clip`` (by hand, see the README) uses ``max_grad_norm`` (:data:`CLIP_NOR
 ``--pairs K``: only the goal's two configurations at N=4, AllReduce and sync PS (S=2), in K
 back-to-back pairs; each pair gives one ratio (this VM's speed drifts between runs, so one
 pair's ratio is steadier than one job's rate), reported with the median and the range.
+``--sched-ab K``: K rounds of AllReduce, then sync PS (S=2) twice in alternating order, once
+with the workers' scheduling policy as ``concord run`` sets it (``CONCORD_WORKER_SCHED``:
+``batch`` on this crowded host, see :mod:`concord.comm.sched`) and once with ``inherit``;
+each round gives both ratios to that round's AllReduce.
 ``--optimizer adam``: ``torch.optim.Adam(lr=1e-3)`` instead of SGD with momentum (the workers'
 ``Adam`` as a DDP user builds it, torch's default implementation; the servers step theirs with
 torch's fused kernel); ``adam-fused``: the workers' Adam too with ``fused=True``.
@@ -124,12 +128,17 @@ def _idle_since(start: tuple[int, int] | None) -> float | None:
 
 
 def run_job(
-    strategy: str, workers: int, servers: int, args: argparse.Namespace
+    strategy: str,
+    workers: int,
+    servers: int,
+    args: argparse.Namespace,
+    env: dict[str, str] | None = None,
 ) -> tuple[float, float, float | None]:
     """One job: samples/s (N * batch / the slowest worker's median step time), the CPU
     milliseconds that all of its processes (workers and servers) spent per timed step, and
     the fraction of the host's CPU time left idle over worker 0's timed steps (None off
-    Linux; on a host running nothing else it is the cores the job could not keep busy)."""
+    Linux; on a host running nothing else it is the cores the job could not keep busy).
+    ``env``: variables to set for the job (over this process's environment)."""
     cmd = [sys.executable, "-m", "concord.cli", "run", "-n", str(workers)]
     if servers:
         cmd += ["--servers", str(servers)]
@@ -137,7 +146,7 @@ def run_job(
     cmd += ["--warmup", str(args.warmup), "--batch", str(args.batch)]
     cmd += ["--optimizer", args.optimizer]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = os.environ | {"PYTHONPATH": path}
+    env = os.environ | {"PYTHONPATH": path} | (env or {})
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     results = [
         json.loads(line.split(MARK, 1)[1]) for line in proc.stdout.splitlines() if MARK in line
@@ -173,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--pairs", type=int, default=0, help="AllReduce/sync PS pairs at N=4")
+    parser.add_argument(
+        "--sched-ab", type=int, default=0, help="rounds: AllReduce, sync PS batch/inherit"
+    )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
@@ -186,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.pairs:
         return _pairs(args)
+    if args.sched_ab:
+        return _sched_ab(args)
     if args.quick:
         args.steps = 50
     rows = []
@@ -282,6 +296,43 @@ def _pairs(args: argparse.Namespace) -> int:
         },
         "samples/s",
     )
+    return 0
+
+
+def _sched_ab(args: argparse.Namespace) -> int:
+    """K rounds of AllReduce and sync PS (S=2) at N=4 with the workers' policy as concord run
+    sets it and with ``inherit`` (alternating which goes first): two ratios per round."""
+    from concord.comm.sched import SCHED_ENV
+
+    if SCHED_ENV in os.environ:  # (it would set both runs' policy alike)
+        raise SystemExit(f"--sched-ab compares policies: unset {SCHED_ENV} first")
+    rows = []
+    for k in range(args.sched_ab):
+        ar, _, ar_idle = run_job("allreduce", 4, 0, args)
+        runs = {}
+        for policy in ("default", "inherit") if k % 2 == 0 else ("inherit", "default"):
+            env = {SCHED_ENV: "inherit"} if policy == "inherit" else {}
+            runs[policy] = run_job("ps-sync", 4, 2, args, env)
+        row = {"allreduce": ar, "allreduce_idle": ar_idle}
+        for policy, (rate, cpu, idle) in runs.items():
+            row[policy] = {"samples_per_s": rate, "ratio": rate / ar, "cpu": cpu, "idle": idle}
+        rows.append(row)
+        print(
+            f"round {k}: AllReduce {ar:8.0f} (idle {_percent(ar_idle)})  sync PS S=2 "
+            + "  ".join(
+                f"{policy} {row[policy]['samples_per_s']:8.0f} ratio {row[policy]['ratio']:.2f} "
+                f"idle {_percent(row[policy]['idle'])}"
+                for policy in ("default", "inherit")
+            ),
+            flush=True,
+        )
+    for policy in ("default", "inherit"):
+        ratios = [r[policy]["ratio"] for r in rows]
+        print(
+            f"sync PS (S=2) / AllReduce at N=4, workers' policy {policy}: median "
+            f"{statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f}"
+        )
+    print(json.dumps({"benchmark": "strategies-sched-ab", "steps": args.steps, "rounds": rows}))
     return 0
 
 

@@ -19,6 +19,7 @@ from concord.comm.rendezvous import (
     env_device,
     read_env,
 )
+from concord.comm.sched import apply_worker_sched, worker_sched
 from concord.errors import ConcordError, UsageError
 
 log = logging.getLogger("concord")
@@ -130,7 +131,8 @@ def init(timeout: float | None = None, backend: str | None = None) -> Context:
     when every worker on this host has a GPU of its own (``ctx.device``; CONCORD_DEVICE or
     ``concord run --device`` choose). A worker that never arrives ends this call within
     ``timeout`` seconds with an error that lists the missing ranks. Calling it again returns
-    the existing context.
+    the existing context. A worker takes the scheduling policy ``CONCORD_WORKER_SCHED`` names
+    (:mod:`concord.comm.sched`; ``concord run`` sets it).
     """
     global _current
     if _current is not None:
@@ -139,6 +141,8 @@ def init(timeout: float | None = None, backend: str | None = None) -> Context:
     if timeout <= 0:
         raise UsageError(f"timeout must be positive, got {timeout}")
     contract = read_env()
+    if contract.role == "worker":
+        apply_worker_sched(worker_sched())
     device = _device(contract)
     backend = backend or backend_for(device)
     store = _join(contract, backend, timeout)

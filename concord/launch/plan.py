@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from concord.comm.rendezvous import DEVICES
+from concord.comm.sched import SCHED_ENV, default_worker_sched
 from concord.comm.spin import SPIN_ENV, default_spin_us
 from concord.errors import UsageError
 
@@ -184,7 +185,9 @@ def plan(
     the contract. Workers come first (local rank order), then servers, then the data server.
     ``cores``: this node's usable cores; unless the environment sets ``CONCORD_SPIN_US``, every
     process gets :func:`~concord.comm.spin.default_spin_us` for the node's process count
-    (spin before sleeping only when each process has a core of its own).
+    (spin before sleeping only when each process has a core of its own), and unless it sets
+    ``CONCORD_WORKER_SCHED``, every worker gets :func:`~concord.comm.sched.default_worker_sched`
+    (``batch`` on a node with servers and more processes than cores).
     """
     if not 0 < port < 65536:
         raise ValueError(f"port must be an actual TCP port in 1..65535, got {port}")
@@ -210,6 +213,12 @@ def plan(
         spin = str(default_spin_us(len(specs), cores))
         for spec in specs:
             spec.env[SPIN_ENV] = spin
+    if SCHED_ENV not in base:
+        servers = sum(spec.role == "server" for spec in specs)
+        policy = default_worker_sched(len(specs), cores, servers)
+        for spec in specs:
+            if spec.role == "worker":
+                spec.env[SCHED_ENV] = policy
     return specs
 
 
