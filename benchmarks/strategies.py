@@ -22,7 +22,7 @@ pair's ratio is steadier than one job's rate), reported with the median and the 
 ``--sched-ab K``: K rounds of AllReduce, then sync PS (S=2) twice in alternating order, once
 with the workers' scheduling policy as ``concord run`` sets it (``CONCORD_WORKER_SCHED``:
 ``batch`` on this crowded host, see :mod:`concord.comm.sched`) and once with ``inherit``;
-each round gives both ratios to that round's AllReduce.
+each round gives both ratios to that round's AllReduce (``--ab-strategy ps-async``: async PS).
 ``--optimizer adam``: ``torch.optim.Adam(lr=1e-3)`` instead of SGD with momentum (the workers'
 ``Adam`` as a DDP user builds it, torch's default implementation; the servers step theirs with
 torch's fused kernel); ``adam-fused``: the workers' Adam too with ``fused=True``.
@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sched-ab", type=int, default=0, help="rounds: AllReduce, sync PS batch/inherit"
     )
+    parser.add_argument(
+        "--ab-strategy", default="ps-sync", choices=("ps-sync", "ps-async"), help="--sched-ab's PS"
+    )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
@@ -300,8 +303,9 @@ def _pairs(args: argparse.Namespace) -> int:
 
 
 def _sched_ab(args: argparse.Namespace) -> int:
-    """K rounds of AllReduce and sync PS (S=2) at N=4 with the workers' policy as concord run
-    sets it and with ``inherit`` (alternating which goes first): two ratios per round."""
+    """K rounds of AllReduce and PS (S=2, ``--ab-strategy``) at N=4 with the workers' policy as
+    concord run sets it and with ``inherit`` (alternating which goes first): two ratios per
+    round."""
     from concord.comm.sched import SCHED_ENV
 
     if SCHED_ENV in os.environ:  # (it would set both runs' policy alike)
@@ -312,13 +316,13 @@ def _sched_ab(args: argparse.Namespace) -> int:
         runs = {}
         for policy in ("default", "inherit") if k % 2 == 0 else ("inherit", "default"):
             env = {SCHED_ENV: "inherit"} if policy == "inherit" else {}
-            runs[policy] = run_job("ps-sync", 4, 2, args, env)
+            runs[policy] = run_job(args.ab_strategy, 4, 2, args, env)
         row = {"allreduce": ar, "allreduce_idle": ar_idle}
         for policy, (rate, cpu, idle) in runs.items():
             row[policy] = {"samples_per_s": rate, "ratio": rate / ar, "cpu": cpu, "idle": idle}
         rows.append(row)
         print(
-            f"round {k}: AllReduce {ar:8.0f} (idle {_percent(ar_idle)})  sync PS S=2 "
+            f"round {k}: AllReduce {ar:8.0f} (idle {_percent(ar_idle)})  {args.ab_strategy} S=2 "
             + "  ".join(
                 f"{policy} {row[policy]['samples_per_s']:8.0f} ratio {row[policy]['ratio']:.2f} "
                 f"idle {_percent(row[policy]['idle'])}"
@@ -329,10 +333,11 @@ def _sched_ab(args: argparse.Namespace) -> int:
     for policy in ("default", "inherit"):
         ratios = [r[policy]["ratio"] for r in rows]
         print(
-            f"sync PS (S=2) / AllReduce at N=4, workers' policy {policy}: median "
+            f"{args.ab_strategy} (S=2) / AllReduce at N=4, workers' policy {policy}: median "
             f"{statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f}"
         )
-    print(json.dumps({"benchmark": "strategies-sched-ab", "steps": args.steps, "rounds": rows}))
+    summary = {"benchmark": "strategies-sched-ab", "strategy": args.ab_strategy}
+    print(json.dumps(summary | {"steps": args.steps, "rounds": rows}))
     return 0
 
 
