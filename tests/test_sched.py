@@ -153,3 +153,17 @@ def test_concord_run_workers_are_batch_and_servers_are_not(tmp_path, monkeypatch
         "[worker 0] worker 0 batch True",
         "[worker 1] worker 1 batch True",
     ]
+
+
+@linux_only
+def test_a_refused_policy_is_logged_and_the_worker_goes_on(monkeypatch, caplog):
+    from concord.comm import sched
+
+    def refuse(*_):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(sched.os, "sched_setscheduler", refuse)
+    with caplog.at_level("WARNING", logger="concord.sched"):
+        assert apply_worker_sched("batch") is False
+    assert "CONCORD_WORKER_SCHED=batch not applied to every thread" in caplog.text
+    assert "Operation not permitted" in caplog.text

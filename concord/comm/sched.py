@@ -78,6 +78,8 @@ def apply_worker_sched(policy: str) -> bool:
             except ProcessLookupError:  # (a thread that ended meanwhile)
                 continue
     except OSError as exc:
-        log.warning("%s=batch not applied (%s); the worker keeps its policy", SCHED_ENV, exc)
+        log.warning(
+            "%s=batch not applied to every thread (%s); the rest keep their policy", SCHED_ENV, exc
+        )
         return False
     return True
