@@ -257,6 +257,10 @@ def _median_or_none(values: list[float | None]) -> float | None:
     return statistics.median(known) if known else None
 
 
+def _median_range(ratios: list[float]) -> str:
+    return f"median {statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f}"
+
+
 def _percent(fraction: float | None) -> str:
     return "-" if fraction is None else f"{100 * fraction:.0f}%"
 
@@ -283,8 +287,8 @@ def _pairs(args: argparse.Namespace) -> int:
         )
     ratios = [r["ratio"] for r in rows]
     print(
-        f"sync PS (S=2) / AllReduce at N=4 over {len(rows)} pairs: median "
-        f"{statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f} (goal >= 0.9)"
+        f"sync PS (S=2) / AllReduce at N=4 over {len(rows)} pairs: {_median_range(ratios)} "
+        "(goal >= 0.9)"
     )
     print(json.dumps({"benchmark": "strategies-pairs", "steps": args.steps, "pairs": rows}))
     from _plot import grouped_bars  # (this folder: the script's own)
@@ -333,8 +337,8 @@ def _sched_ab(args: argparse.Namespace) -> int:
     for policy in ("default", "inherit"):
         ratios = [r[policy]["ratio"] for r in rows]
         print(
-            f"{args.ab_strategy} (S=2) / AllReduce at N=4, workers' policy {policy}: median "
-            f"{statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f}"
+            f"{args.ab_strategy} (S=2) / AllReduce at N=4, workers' policy {policy}: "
+            + _median_range(ratios)
         )
     summary = {"benchmark": "strategies-sched-ab", "strategy": args.ab_strategy}
     print(json.dumps(summary | {"steps": args.steps, "rounds": rows}))

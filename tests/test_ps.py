@@ -373,9 +373,7 @@ def _async_bag_worker(push: str) -> tuple[list[torch.Tensor], list[tuple[int, in
     model, opt = concord.distribute(model, opt, concord.ParameterServer("async", push=push))
     # both registered (and sent the whole table) before any push: a registration reply
     # falling between a push's two stats requests would count as that push's bytes
-    ctx.store.set(f"{ctx.store_prefix}registered/{ctx.rank}", "yes")
-    registered = [f"{ctx.store_prefix}registered/{r}" for r in range(ctx.world_size)]
-    ctx.store.wait(registered, timedelta(seconds=60))
+    torch.distributed.barrier()
     moved = []  # bytes into and out of the servers for each of this worker's pushes
     for step in range(STEPS):
         turn = 2 * step + ctx.rank

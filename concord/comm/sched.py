@@ -71,15 +71,16 @@ def apply_worker_sched(policy: str) -> bool:
         threads = [int(tid) for tid in os.listdir("/proc/self/task")]
     except OSError:  # (no /proc: this thread only; those started later inherit it)
         threads = [0]
-    try:
-        for tid in threads:
-            try:
-                os.sched_setscheduler(tid, batch, os.sched_param(0))
-            except ProcessLookupError:  # (a thread that ended meanwhile)
-                continue
-    except OSError as exc:
-        log.warning(
-            "%s=batch not applied to every thread (%s); the rest keep their policy", SCHED_ENV, exc
-        )
-        return False
+    for tid in threads:
+        try:
+            os.sched_setscheduler(tid, batch, os.sched_param(0))
+        except ProcessLookupError:  # (a thread that ended meanwhile)
+            continue
+        except OSError as exc:
+            log.warning(
+                "%s=batch not applied to every thread (%s); the rest keep their policy",
+                SCHED_ENV,
+                exc,
+            )
+            return False
     return True
