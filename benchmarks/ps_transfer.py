@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -170,6 +171,8 @@ def _rpc_echo(t: torch.Tensor) -> torch.Tensor:
 def _rpc_proc(rank: int, port: int, nbytes: int, reps: int, tcp: bool, out) -> None:  # noqa: ANN001
     import torch.distributed.rpc as rpc
 
+    # rpc's own shutdown hands a ProcessGroupGloo to an object gather, which warns of it
+    warnings.filterwarnings("ignore", "You are using a Backend", UserWarning)
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
     only_tcp = {"_transports": ["uv"], "_channels": ["basic"]} if tcp else {}

@@ -66,6 +66,28 @@ def test_world_one_wrapper_is_transparent():
     assert torch.equal(fresh[0].weight, plain[0].weight)
 
 
+def test_torch_lr_schedulers_take_the_distributed_optimizer():
+    """It is a torch.optim.Optimizer to isinstance, so a scheduler takes it; the schedule
+    moves the wrapped optimizer's groups (the same dicts), which step() then uses."""
+    plain = nn.Linear(3, 1)
+    opt = torch.optim.SGD(plain.parameters(), lr=0.5)
+    model, dopt = AllReduce().distribute(plain, opt, ctx())
+    assert isinstance(dopt, torch.optim.Optimizer) and dopt.param_groups is opt.param_groups
+    sched = torch.optim.lr_scheduler.StepLR(dopt, step_size=1, gamma=0.1)
+    for lr in (0.5, 0.05):
+        before = plain.bias.detach().clone()
+        dopt.zero_grad()
+        model(torch.zeros(1, 3)).sum().backward()  # d/d(bias) = 1
+        dopt.step()
+        sched.step()
+        torch.testing.assert_close(plain.bias, before - lr)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.005)
+    with pytest.raises(TypeError, match="distributed already"):
+        AllReduce().distribute(plain, dopt, ctx())
+    with pytest.raises(TypeError, match="distributed already"):
+        AllReduce().distribute(plain, concord.MultiOptimizer(dopt), ctx())
+
+
 def test_optimizer_must_hold_the_models_parameters():
     stray = nn.Parameter(torch.zeros(4, 5))
     with pytest.raises(UsageError, match=r"shape \(4, 5\)"):

@@ -130,6 +130,27 @@ def test_one_stage_microbatches_equal_the_full_batch(schedule, m):
         assert torch.equal(stage(x), ref(x))
 
 
+def test_an_lr_scheduler_takes_the_stage_optimizer():
+    """A stage steps an optimizer restricted to its layers: a scheduler on the returned one
+    moves the rate the stage steps with (the optimizer passed in keeps its own)."""
+    model = _mlp()
+    passed = torch.optim.SGD(model.parameters(), lr=0.1)
+    stage, opt = Pipeline(stages=1).distribute(model, passed, _ctx())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x, y = torch.randn(4, 1, 28, 28), torch.arange(4)
+    for lr in (0.1, 0.05):
+        opt.zero_grad()
+        stage.train_batch(x, y, F.cross_entropy)
+        before = [p.detach().clone() for p in stage.parameters()]
+        grads = [p.grad.clone() for p in stage.parameters()]
+        opt.step()
+        sched.step()
+        for p, b, g in zip(stage.parameters(), before, grads):
+            torch.testing.assert_close(p.detach(), b - lr * g)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+    assert passed.param_groups[0]["lr"] == 0.1
+
+
 def test_a_loss_scaler_is_refused_with_the_bf16_alternative():
     from concord.strategies.pipeline import PipelineOptimizer
     from concord.strategies.pipeline_runtime import StagePlace

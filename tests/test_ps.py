@@ -159,6 +159,52 @@ def test_sync_ps_equals_one_process_on_the_global_batch(workers, servers, opt_na
     assert job.server_codes == [0] * servers  # every worker said goodbye
 
 
+def _schedule(opt: torch.optim.Optimizer):
+    """What runs after each step: a StepLR (the LR falls to 0.3x every two steps), and from
+    step 3 on a weight decay of 0.1 in the first group (a setting changed by hand)."""
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.3)
+
+    def after(done: int) -> None:
+        sched.step()
+        if done == 2:
+            opt.param_groups[0]["weight_decay"] = 0.1
+
+    return after
+
+
+def _scheduled_worker(opt_name: str):
+    import concord
+
+    ctx = concord.init(timeout=60)
+    torch.manual_seed(0 if ctx.rank == 0 else ctx.rank + 7)  # only worker 0's init counts
+    model = BranchNet()
+    opt = _optimizer(opt_name, model)
+    model, opt = concord.distribute(model, opt, concord.ParameterServer(mode="sync"))
+    _train(model, opt, ctx.rank, ctx.world_size, after_step=_schedule(opt))
+    lrs = [g["lr"] for g in opt.param_groups]
+    opt.close()
+    return [p.detach().clone() for p in model.parameters()], lrs
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_an_lr_schedule_on_the_workers_steps_the_servers_as_one_process(opt_name):
+    """A StepLR on each worker's optimizer (and a weight decay changed by hand mid-run)
+    reaches the servers with the next push: N=2, S=2 sync equals one process running the
+    same schedule on the global batch (1e-5, as above)."""
+    job = run_ps_job(_scheduled_worker, 2, 2, args=(opt_name,))
+    torch.manual_seed(0)
+    model = BranchNet()
+    opt = _optimizer(opt_name, model)
+    _train(model, opt, 0, 1, after_step=_schedule(opt))
+    unscheduled = _reference(opt_name)
+    for params, lrs in job.results:
+        assert lrs == [g["lr"] for g in opt.param_groups] and lrs[0] < 0.1 * opt.defaults["lr"]
+        for got, want in zip(params, model.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert any(not torch.allclose(g, w) for g, w in zip(params, unscheduled))
+
+
 def _rounded_reference(dtype: torch.dtype, world: int) -> list[torch.Tensor]:
     """One process standing in for ``world`` workers whose gradients are pushed in ``dtype``:
     each worker's gradient rounded to it, then averaged in float32 (None where no worker

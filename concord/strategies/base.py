@@ -2,7 +2,9 @@
 
 A strategy is a frozen, validated dataclass; ``distribute`` turns a model and a
 ``torch.optim`` optimizer into their distributed counterparts. The wrapped optimizer keeps
-the torch.optim surface by composition and adds ``synchronize()``.
+the torch.optim surface by composition and adds ``synchronize()``; it is a
+``torch.optim.Optimizer`` to ``isinstance`` (as Horovod's ``DistributedOptimizer`` is), so
+torch's LR schedulers take it.
 """
 
 from __future__ import annotations
@@ -72,11 +74,14 @@ class Strategy(ABC):
         """Wrap ``model`` and ``optimizer`` for this strategy on the process ``ctx``."""
 
 
-class DistributedOptimizer:
+class DistributedOptimizer(torch.optim.Optimizer):
     """A torch optimizer wrapped by composition; ``step()`` synchronizes first.
 
-    Subclasses implement ``synchronize()`` (make ``.grad`` of every parameter the global one,
-    or exchange parameters) and may override ``step()``.
+    It subclasses ``torch.optim.Optimizer`` only to be one to ``isinstance`` (torch's LR
+    schedulers check it): ``Optimizer.__init__`` is not called, and the param groups, state
+    and defaults are the wrapped optimizer's own objects, so a scheduler on either one moves
+    both. Subclasses implement ``synchronize()`` (make ``.grad`` of every parameter the
+    global one, or exchange parameters) and may override ``step()``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
@@ -84,6 +89,12 @@ class DistributedOptimizer:
             raise TypeError(
                 f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}; "
                 "build the optimizer on model.parameters() first, then distribute both"
+            )
+        inner = [optimizer, *getattr(optimizer, "optimizers", ())]  # (a MultiOptimizer's)
+        if any(isinstance(opt, DistributedOptimizer) for opt in inner):
+            raise TypeError(
+                "this optimizer is distributed already; pass concord.distribute the plain "
+                "torch optimizer (distribute it once)"
             )
         self.optimizer = optimizer
 
