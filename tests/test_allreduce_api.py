@@ -68,7 +68,8 @@ def test_world_one_wrapper_is_transparent():
 
 def test_torch_lr_schedulers_take_the_distributed_optimizer():
     """It is a torch.optim.Optimizer to isinstance, so a scheduler takes it; the schedule
-    moves the wrapped optimizer's groups (the same dicts), which step() then uses."""
+    moves the wrapped optimizer's groups (the same dicts), which step() then uses. torch's
+    optimizer hooks, which its step() would not run, are refused."""
     plain = nn.Linear(3, 1)
     opt = torch.optim.SGD(plain.parameters(), lr=0.5)
     model, dopt = AllReduce().distribute(plain, opt, ctx())
@@ -86,6 +87,8 @@ def test_torch_lr_schedulers_take_the_distributed_optimizer():
         AllReduce().distribute(plain, dopt, ctx())
     with pytest.raises(TypeError, match="distributed already"):
         AllReduce().distribute(plain, concord.MultiOptimizer(dopt), ctx())
+    with pytest.raises(UsageError, match="runs no torch.optim hooks"):  # (not silently)
+        dopt.register_step_post_hook(lambda *_: None)
 
 
 def test_optimizer_must_hold_the_models_parameters():

@@ -123,6 +123,18 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(group)
 
+    def _no_hooks(self, *args: Any, **kwargs: Any) -> Any:
+        """torch.optim's hook registration (step, state_dict, load_state_dict): refused, as
+        ``step()`` and the state calls here run none of them."""
+        raise UsageError(
+            f"{type(self).__name__} runs no torch.optim hooks (its step() is concord's, not "
+            "torch's); run that code before or after opt.step() or opt.state_dict() instead"
+        )
+
+    register_step_pre_hook = register_step_post_hook = _no_hooks
+    register_state_dict_pre_hook = register_state_dict_post_hook = _no_hooks
+    register_load_state_dict_pre_hook = register_load_state_dict_post_hook = _no_hooks
+
     def synchronize(self) -> None:
         """Make this worker's gradients (or parameters) agree with the others'."""
 
