@@ -68,7 +68,12 @@ class Trainer:
 
     ``precision``: ``"fp32"``, ``"bf16"`` (forward and loss under ``torch.autocast`` in
     bfloat16) or ``"fp16"`` (float16 autocast and a ``torch.amp.GradScaler``, whose state the
-    checkpoints keep; not for a pipeline stage). Evaluation runs under the same autocast."""
+    checkpoints keep; not for a pipeline stage). Evaluation runs under the same autocast.
+
+    ``lr_scheduler``: a torch LR scheduler on ``optimizer``, stepped after every epoch (or,
+    with ``schedule_every="step"``, after every optimizer step); ``ReduceLROnPlateau`` is
+    given the epoch's test loss (without a test set its training loss, averaged over the
+    workers, so that all take the same rate). The checkpoints keep its state."""
 
     def __init__(
         self,
@@ -80,7 +85,10 @@ class Trainer:
         out_dir: str | Path | None = None,
         max_grad_norm: float | None = None,
         precision: str = "fp32",
+        lr_scheduler: Any = None,
+        schedule_every: str = "epoch",
     ) -> None:
+        _check_schedule(lr_scheduler, schedule_every)
         if max_grad_norm is not None and hasattr(model, "train_batch"):
             raise UsageError(
                 "max_grad_norm needs the whole model's gradient, and a pipeline stage holds "
@@ -99,6 +107,7 @@ class Trainer:
         self.max_grad_norm = max_grad_norm
         self.precision = precision
         self.scaler = self._loss_scaler(precision, strategy)
+        self.lr_scheduler, self.schedule_every = lr_scheduler, schedule_every
         self.shard = shard or DataShard(ctx.rank, ctx.world_size)
         self.out_dir = Path(out_dir) if out_dir else None
         self.history: list[EpochMetrics] = []
@@ -170,6 +179,8 @@ class Trainer:
             )
             for x, y in bar:
                 loss = self.train_step(x, y)
+                if self.lr_scheduler is not None and self.schedule_every == "step":
+                    self.lr_scheduler.step()
                 total, count, samples = total + loss, count + 1, samples + len(y)
                 if count % 20 == 0 and hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -183,9 +194,24 @@ class Trainer:
                 seconds=seconds,
             )
             self.history.append(metrics)
+            if self.lr_scheduler is not None and self.schedule_every == "epoch":
+                self._schedule_epoch(result.loss if result else metrics.loss, result is None)
             self.save_checkpoint(epoch + 1)  # (before the metrics line: see resume)
             self._report(metrics)
         return self.history
+
+    def _schedule_epoch(self, loss: float, own: bool) -> None:
+        """Step an epoch's LR schedule; ``ReduceLROnPlateau`` watches ``loss``, which, when it
+        is this worker's ``own`` training loss, is averaged over the workers first (every
+        worker must take the same rate)."""
+        if not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.lr_scheduler.step()
+            return
+        if own and dist.is_initialized() and self.ctx.world_size > 1:
+            total = torch.tensor([loss], dtype=torch.float64)
+            dist.all_reduce(total)
+            loss = float(total) / self.ctx.world_size
+        self.lr_scheduler.step(loss)
 
     def steps_per_epoch(self, train: Iterable) -> int | None:
         """Steps every worker takes this epoch: the fewest batches any worker has.
@@ -257,6 +283,8 @@ class Trainer:
             state = {"model": self._module().state_dict(), "optimizer": self.optimizer.state_dict()}
             if self.scaler is not None:  # (fp16: the loss scale goes on where it was)
                 state["scaler"] = self.scaler.state_dict()
+            if self.lr_scheduler is not None:
+                state["lr_scheduler"] = self.lr_scheduler.state_dict()
             history = [asdict(m) for m in self.history]
             _save({"epochs_done": epochs_done, "history": history, **state}, path)
         return path
@@ -285,6 +313,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+        if self.lr_scheduler is not None and "lr_scheduler" in state:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.history = [EpochMetrics(**h) for h in state.get("history", [])]
         if self.ctx.is_main and self.out_dir:  # exactly the epochs the checkpoint had done,
             self._write_metrics(self.history, "w")  # none twice, none lost
@@ -344,6 +374,20 @@ class Trainer:
         """``name`` for this worker's pipeline stage (``checkpoint-stage1.pt``), else as is."""
         stage = getattr(self.model, "stage_index", None)
         return name if stage is None else name.replace(".pt", f"-stage{stage}.pt")
+
+
+def _check_schedule(scheduler: Any, every: str) -> None:
+    if every not in ("epoch", "step"):
+        raise UsageError(f"schedule_every must be 'epoch' or 'step', got {every!r}")
+    if scheduler is None:
+        return
+    if not callable(getattr(scheduler, "step", None)) or not hasattr(scheduler, "state_dict"):
+        raise UsageError(
+            f"lr_scheduler must be a torch LR scheduler (torch.optim.lr_scheduler), got "
+            f"{type(scheduler).__name__}"
+        )
+    if every == "step" and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise UsageError("ReduceLROnPlateau watches an epoch's loss: use schedule_every='epoch'")
 
 
 def _save(obj: Any, path: Path) -> None:

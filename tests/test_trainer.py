@@ -1,5 +1,5 @@
 """Trainer: workers whose shards differ by a batch take the same number of steps (no hang);
-a run resumed from a checkpoint ends where an uninterrupted one does."""
+a run resumed from a checkpoint ends where an uninterrupted one does; LR schedules."""
 
 from __future__ import annotations
 
@@ -314,3 +314,98 @@ def test_precision_steps_as_torch_amp_does_and_keeps_the_loss_scale(precision, t
     overlap = SimpleNamespace(strategy=concord.ParameterServer(overlap=True))
     with pytest.raises(UsageError, match="use overlap=False"):
         concord.Trainer(model, overlap, F.cross_entropy, ctx(), precision="fp16")
+
+
+@pytest.mark.parametrize("every", ["epoch", "step"])
+def test_an_lr_schedule_steps_as_a_plain_loop_and_resumes(every, tmp_path):
+    import copy
+
+    from test_allreduce_api import ctx
+    from torch.nn import functional as F
+
+    import concord
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    twin = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen))]
+    batches *= 2
+    opt = torch.optim.SGD(model.parameters(), lr=0.4, momentum=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    trainer = concord.Trainer(
+        model, opt, F.cross_entropy, ctx(), out_dir=tmp_path, lr_scheduler=sched,
+        schedule_every=every,
+    )  # fmt: skip
+    trainer.fit(batches, epochs=3)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.4, momentum=0.5)
+    twin_sched = torch.optim.lr_scheduler.StepLR(twin_opt, step_size=1, gamma=0.5)
+    for _ in range(3):
+        for x, y in batches:
+            twin_opt.zero_grad()
+            F.cross_entropy(twin(x), y).backward()
+            twin_opt.step()
+            if every == "step":
+                twin_sched.step()
+        if every == "epoch":
+            twin_sched.step()
+    assert (
+        opt.param_groups[0]["lr"]
+        == twin_opt.param_groups[0]["lr"]
+        == 0.4 * 0.5 ** (3 if every == "epoch" else 6)
+    )
+    for got, want in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    fresh_opt = torch.optim.SGD(model.parameters(), lr=0.4, momentum=0.5)
+    fresh = torch.optim.lr_scheduler.StepLR(fresh_opt, step_size=1, gamma=0.5)
+    again = concord.Trainer(model, fresh_opt, F.cross_entropy, ctx(), lr_scheduler=fresh)
+    assert again.resume(tmp_path / "checkpoint.pt") == 3
+    assert fresh.state_dict() == sched.state_dict()
+    assert fresh_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_reduce_on_plateau_watches_the_test_loss_and_bad_schedules_are_refused():
+    from test_allreduce_api import ctx
+    from torch.nn import functional as F
+
+    import concord
+    from concord.errors import UsageError
+
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)  # (the loss stays where it is)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.1)
+    batches = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+    test = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+    trainer = concord.Trainer(model, opt, F.cross_entropy, ctx(), lr_scheduler=plateau)
+    trainer.fit(batches, epochs=2, test=test)
+    assert plateau.best == pytest.approx(trainer.evaluate(test).loss, rel=1e-6)
+    assert plateau.best != pytest.approx(trainer.evaluate(batches).loss, rel=1e-3)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-7)  # epoch 2 did not improve
+    with pytest.raises(UsageError, match="'epoch' or 'step'"):
+        concord.Trainer(model, opt, F.cross_entropy, ctx(), schedule_every="batch")
+    with pytest.raises(UsageError, match="use schedule_every='epoch'"):
+        concord.Trainer(model, opt, F.cross_entropy, ctx(), lr_scheduler=plateau,
+                        schedule_every="step")  # fmt: skip
+    with pytest.raises(UsageError, match="torch LR scheduler"):
+        concord.Trainer(model, opt, F.cross_entropy, ctx(), lr_scheduler=0.5)
+
+
+def _plateau_on_own_losses(losses: list[list[float]]) -> float:
+    import concord
+    from concord.trainer import Trainer
+
+    ctx = concord.init(timeout=30)
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    trainer = Trainer(model, opt, torch.nn.functional.mse_loss, ctx, lr_scheduler=plateau)
+    for loss in losses[ctx.rank]:
+        trainer._schedule_epoch(loss, own=True)
+    return opt.param_groups[0]["lr"]
+
+
+@pytest.mark.timeout(60)
+def test_reduce_on_plateau_without_a_test_set_takes_the_workers_mean_loss():
+    """Worker 0's own loss got worse (1 -> 2), worker 1's better (1 -> 0.5): the mean (1.25)
+    is worse, so both halve the rate; on their own losses they would disagree."""
+    assert run_workers(_plateau_on_own_losses, 2, args=([[1.0, 2.0], [1.0, 0.5]],)) == [0.5, 0.5]

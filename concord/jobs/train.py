@@ -32,6 +32,7 @@ WORKER_OPTIONS = (
     "batch_size",
     "lr",
     "momentum",
+    "lr_schedule",
     "seed",
     "data",
     "engine",
@@ -96,6 +97,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--batch-size", type=int, default=64, help="per worker (per replica for pipeline)")
     add("--lr", type=float, default=0.05)
     add("--momentum", type=float, default=0.9)
+    add(
+        "--lr-schedule",
+        default="constant",
+        choices=("constant", "cosine"),
+        help="cosine: the LR falls along a half cosine from --lr to 0 over --epochs",
+    )
     add("--seed", type=int, default=0)
     add("--data", default="local", help="local | central | dfs:URL | p2p")
     add("--engine", default="auto", choices=("auto", "torch", "ring"), help="AllReduce engine")

@@ -63,6 +63,13 @@ def build_strategy(args: argparse.Namespace) -> Strategy:
     raise UsageError(f"unknown strategy {args.strategy!r}")
 
 
+def build_lr_scheduler(args: argparse.Namespace, opt: torch.optim.Optimizer) -> object:
+    """The LR schedule named by ``--lr-schedule`` (None for constant), stepped per epoch."""
+    if args.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+    return None
+
+
 def _layer_indices(text: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",")]
@@ -98,6 +105,7 @@ def run(args: argparse.Namespace) -> None:
         out_dir=args.out,
         max_grad_norm=clip,
         precision=args.precision,
+        lr_scheduler=build_lr_scheduler(args, opt),
     )
     start = trainer.resume_latest()  # a restart (--max-restarts) goes on from its checkpoint
     if args.resume and not start:
