@@ -63,7 +63,9 @@ def build_strategy(args: argparse.Namespace) -> Strategy:
     raise UsageError(f"unknown strategy {args.strategy!r}")
 
 
-def build_lr_scheduler(args: argparse.Namespace, opt: torch.optim.Optimizer) -> object:
+def build_lr_scheduler(
+    args: argparse.Namespace, opt: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler | None:
     """The LR schedule named by ``--lr-schedule`` (None for constant), stepped per epoch."""
     if args.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
