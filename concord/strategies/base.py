@@ -2,9 +2,9 @@
 
 A strategy is a frozen, validated dataclass; ``distribute`` turns a model and a
 ``torch.optim`` optimizer into their distributed counterparts. The wrapped optimizer keeps
-the torch.optim surface by composition and adds ``synchronize()``; it is a
-``torch.optim.Optimizer`` to ``isinstance`` (as Horovod's ``DistributedOptimizer`` is), so
-torch's LR schedulers take it.
+the torch.optim surface by composition and adds ``synchronize()``; its class derives from
+``torch.optim.Optimizer`` (statically: nothing is subclassed at run time), so torch's LR
+schedulers, which check ``isinstance``, take it.
 """
 
 from __future__ import annotations
