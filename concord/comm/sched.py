@@ -19,9 +19,10 @@ of a worker (:func:`apply_worker_sched`). Servers keep the normal policy. ``inhe
 unset) leaves the policy a worker started with. Measured on the same host
 (``benchmarks/strategies.py --sched-ab``, four runs): the idle share went from 9-13% to
 6-9%, and sync PS N=4 S=2 / AllReduce from medians of 0.85 / 0.91 / 0.90 / 0.88 to 0.89 /
-0.96 / 0.95 / 0.93. Async PS, with no barrier and ~2% idle either way, measured the same
-(0.93 / 0.93). AllReduce workers, whose ring has no server to wait on, measured no faster
-with it, so they are left alone.
+0.96 / 0.95 / 0.93; on a slower day (two more runs) 0.97 / 0.96 to 0.90 / 1.06, within
+the noise (faster in 24 of 36 rounds over the six runs). Async PS, with no barrier and ~2%
+idle either way, measured the same (0.93 / 0.93). AllReduce workers, whose ring has no
+server to wait on, measured no faster with it, so they are left alone.
 """
 
 from __future__ import annotations
