@@ -35,7 +35,10 @@ PIDS = """
 import os, subprocess, sys, time
 rank = os.environ["RANK"]
 kid = subprocess.Popen(["sleep", "60"])
-open(os.path.join(sys.argv[1], f"pids{rank}"), "w").write(f"{os.getpid()} {kid.pid}")
+partial = os.path.join(sys.argv[1], f"partial{rank}")  # (renamed whole: never read half)
+with open(partial, "w") as f:
+    f.write(f"{os.getpid()} {kid.pid}")
+os.replace(partial, os.path.join(sys.argv[1], f"pids{rank}"))
 """
 
 
