@@ -207,9 +207,8 @@ class Trainer:
         if not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.lr_scheduler.step()
             return
-        if own and dist.is_initialized() and self.ctx.world_size > 1:
-            total = torch.tensor([loss], dtype=torch.float64)
-            dist.all_reduce(total)
+        total = torch.tensor([loss], dtype=torch.float64)
+        if own and self._all_reduce(total):
             loss = float(total) / self.ctx.world_size
         self.lr_scheduler.step(loss)
 
@@ -224,8 +223,7 @@ class Trainer:
         if not hasattr(train, "__len__"):
             return None
         steps = torch.tensor([len(train)], dtype=torch.int64)
-        if dist.is_initialized() and self.ctx.world_size > 1:
-            dist.all_reduce(steps, op=dist.ReduceOp.MIN)
+        self._all_reduce(steps, dist.ReduceOp.MIN)
         return int(steps)
 
     @torch.no_grad()
@@ -241,8 +239,7 @@ class Trainer:
             stats += torch.tensor(
                 [(out.argmax(1) == y).sum().item(), loss * len(y), len(y)], dtype=torch.float64
             )
-        if dist.is_initialized() and self.ctx.world_size > 1:
-            dist.all_reduce(stats)
+        if self._all_reduce(stats):
             stats /= self.ctx.world_size // self.shard.world  # stages of one replica count once
         correct, loss_sum, n = stats.tolist()
         return Evaluation(accuracy=correct / max(n, 1), loss=loss_sum / max(n, 1), samples=int(n))
@@ -339,11 +336,17 @@ class Trainer:
 
     def _range(self, value: int) -> tuple[int, int]:
         """The least and the greatest ``value`` over all workers (a collective)."""
-        if not dist.is_initialized() or self.ctx.world_size == 1:
-            return value, value
         both = torch.tensor([-value, value], dtype=torch.int64)
-        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        self._all_reduce(both, dist.ReduceOp.MAX)
         return -int(both[0]), int(both[1])
+
+    def _all_reduce(self, tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> bool:
+        """``dist.all_reduce(tensor, op)`` over all workers, in place; False (``tensor`` left
+        as it is) in a single process."""
+        if not dist.is_initialized() or self.ctx.world_size == 1:
+            return False
+        dist.all_reduce(tensor, op=op)
+        return True
 
     def _module(self) -> nn.Module:
         return getattr(self.model, "module", self.model)
